@@ -1,0 +1,169 @@
+"""Base checkpoints on disk: finding them, listing their safetensors shards, fingerprinting.
+
+A base is named by a local HF folder, a Hub id, a GGUF file or the packaged
+SmolLM2 model; all of them resolve to a local folder of safetensors shards, so
+loading and merging have one code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import QLoRAKitError
+from .packaged import SMOLLM2_NAME, gguf_to_hf_folder, smollm2_path
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files a Hub download needs: config, tokenizer, chat template and the safetensors weights.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved base: a local folder and its ordered safetensors shards."""
+
+    source: str  # what the user asked for (path, Hub id, GGUF file, packaged name)
+    folder: Path
+    shards: tuple[Path, ...]
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.folder, self.shards)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for every tensor, one shard open at a time.
+
+        safetensors memory-maps the shard, so host RAM holds one tensor at a time
+        plus whatever the caller keeps.
+        """
+        for shard in self.shards:
+            try:
+                with safe_open(str(shard), framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except SafetensorError as exc:
+                raise QLoRAKitError(
+                    f"shard {shard} is corrupt or truncated ({exc}); download or copy it again"
+                ) from exc
+
+    def tensor_names(self) -> dict[str, Path]:
+        """Every tensor name mapped to the shard that holds it (reads headers only)."""
+        names = {}
+        for shard in self.shards:
+            try:
+                with safe_open(str(shard), framework="pt", device="cpu") as f:
+                    names.update({name: shard for name in f.keys()})
+            except SafetensorError as exc:
+                raise QLoRAKitError(
+                    f"shard {shard} is corrupt or truncated ({exc}); download or copy it again"
+                ) from exc
+        return names
+
+
+def resolve(source: str | os.PathLike, *, revision: str | None = None) -> Checkpoint:
+    """Turn what the user named into a local safetensors checkpoint, or say what is wrong."""
+    text = str(source)
+    if text == SMOLLM2_NAME:
+        return _local_folder(text, smollm2_path())
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _local_folder(text, path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _local_folder(text, gguf_to_hf_folder(path))
+        raise QLoRAKitError(
+            f"unsupported base file {path}: give a Hugging Face model folder (config.json + "
+            f"*.safetensors), a .gguf file, a Hub id, or '{SMOLLM2_NAME}'"
+        )
+    if _looks_like_hub_id(text) and not path.exists():
+        return _local_folder(text, _download(text, revision))
+    raise QLoRAKitError(
+        f"base '{text}' not found: no such folder or file, and it is not a Hub id (owner/name)"
+    )
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline, gated, or a misspelt id: the hub raises many types
+        raise QLoRAKitError(
+            f"could not download '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "Check the id, your network and `huggingface-cli login` for gated models, "
+            "or pass a local folder"
+        ) from exc
+
+
+def _local_folder(source: str, folder: Path) -> Checkpoint:
+    if not (folder / "config.json").is_file():
+        raise QLoRAKitError(f"{folder} has no config.json: it is not a Hugging Face model folder")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        shards = _shards_from_index(index)
+    elif (folder / SINGLE_FILE).is_file():
+        shards = [folder / SINGLE_FILE]
+    else:
+        pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        hint = (
+            f" It holds pickled weights ({', '.join(pickles[:3])}), which qlora_kit does not load because "
+            "unpickling can run arbitrary code; convert them to safetensors first."
+            if pickles
+            else ""
+        )
+        raise QLoRAKitError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}.{hint}")
+    return Checkpoint(source=source, folder=folder.resolve(), shards=tuple(shards))
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as exc:
+        raise QLoRAKitError(f"{index} is not a valid safetensors index ({exc})") from exc
+    shards = [index.parent / name for name in dict.fromkeys(weight_map.values())]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise QLoRAKitError(
+            f"{index.parent} is missing shard(s) listed in {INDEX_FILE}: {', '.join(missing)}"
+        )
+    return shards
+
+
+# Bytes sampled from each shard for the fingerprint: enough that two fine-tunes of
+# the same architecture (identical headers, different weights) never collide,
+# cheap enough to compute on a 140 GB checkpoint.
+_SAMPLES_PER_SHARD = 32
+_SAMPLE_BYTES = 4096
+
+
+def fingerprint(folder: Path, shards: tuple[Path, ...] | list[Path]) -> str:
+    """A sha256 over config.json, each shard's size, safetensors header and sampled bytes.
+
+    Reads a few hundred KB per shard instead of hashing whole files: it tells apart
+    different weights of one architecture, not a single flipped bit.
+    """
+    digest = hashlib.sha256()
+    digest.update((folder / "config.json").read_bytes())
+    for shard in shards:
+        size = shard.stat().st_size
+        digest.update(f"{shard.name}|{size}".encode())
+        with open(shard, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_len, size)))
+            step = max(size // _SAMPLES_PER_SHARD, 1)
+            for offset in range(0, size, step):
+                f.seek(offset)
+                digest.update(f.read(_SAMPLE_BYTES))
+    return "sha256-sampled:" + digest.hexdigest()

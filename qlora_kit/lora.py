@@ -1,0 +1,190 @@
+"""LoRA adapters: the `LoRALinear` layer, choosing which linears get one, and freezing the rest.
+
+    y = base(x) + scaling · B(A(dropout(x)))      scaling = alpha / rank  (rsLoRA: alpha / sqrt(rank))
+
+A is Kaiming-uniform and B is zero, so a freshly wrapped model computes exactly
+what its base does. Only A and B are trainable.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from . import quantization
+from .errors import QLoRAKitError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoRAConfig:
+    """Which layers get adapters, and their shape."""
+
+    rank: int = 16  # adapter rank r; higher = more capacity and memory
+    alpha: float = 32.0  # scale numerator: the update is (alpha / rank) · B A
+    dropout: float = 0.05  # dropout on the adapter's input during training
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])  # leaf names ('q_proj'), globs over full names, or 'all-linear'
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank), better for large ranks
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # adapter weights; auto = float32 (mixed precision keeps fp32 masters)
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.rank < 1:
+            found.append(f"rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            found.append(f"target_modules is empty: name layers (e.g. [q_proj, v_proj]) or use [{ALL_LINEAR}]")
+        return found
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear (`Linear4bit` or `nn.Linear`) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank = rank
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        device = _device_of(base)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # True: compute the base alone (e.g. for before/after comparisons)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The same initialisation as nn.Linear and PEFT: A Kaiming-uniform, B zero.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.disabled:
+            return out
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
+        return out + (update * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B @ A in fp32, shaped like the base weight (out, in)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)  # Linear4bit subclasses nn.Linear
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of the linear layers LoRA may wrap: every linear except the output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, m in model.named_modules() if is_linear(m) and m is not head]
+
+
+def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Resolve target patterns to module names, or say which pattern matched nothing."""
+    candidates = linear_names(model)
+    if ALL_LINEAR in patterns:
+        return candidates
+    chosen, unmatched = [], []
+    for pattern in patterns:
+        hits = [n for n in candidates if _matches(n, pattern)]
+        if not hits:
+            unmatched.append(pattern)
+        chosen.extend(hits)
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+        raise QLoRAKitError(
+            f"lora.target_modules {unmatched} match no linear layer of this model. "
+            f"Linear layers here: {', '.join(leaves)} (or use '{ALL_LINEAR}')"
+        )
+    return list(dict.fromkeys(chosen))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name.rsplit(".", 1)[-1] == pattern or name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, targets: list[str] | None = None) -> nn.Module:
+    """Freeze `model` and wrap each target linear in a `LoRALinear`, in place.
+
+    `targets` (exact module names) overrides `cfg.target_modules`; loading an
+    adapter uses it to recreate exactly the layers that were saved.
+    """
+    cfg = cfg or LoRAConfig()
+    problems = cfg.problems()
+    if problems:
+        raise QLoRAKitError("invalid LoRA settings: " + "; ".join(problems))
+    if any(True for _ in lora_layers(model)):
+        raise QLoRAKitError("this model already has LoRA adapters; load a fresh base to apply new ones")
+    names = targets if targets is not None else select_targets(model, cfg.target_modules)
+    model.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        if not is_linear(base):
+            raise QLoRAKitError(f"{name} is a {type(base).__name__}, not a linear layer; LoRA wraps linear layers")
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.torch_dtype))
+    model.qlora_kit_lora = cfg
+    return model
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights only, keyed `<module>.lora_A.weight` / `<module>.lora_B.weight`."""
+    state = {}
+    for name, layer in lora_layers(model):
+        state[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        state[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    return state
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable adapter parameters vs. all parameters, counting 4-bit weights by value."""
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    total, seen = 0, set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:  # tied embeddings count once
+                continue
+            seen.add(id(p))
+            packed = quantization.is_4bit_linear(module) and p is module.weight
+            total += module.weight.quant_state.shape.numel() if packed else p.numel()
+    return {"trainable": trainable, "total": total}
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    for _, layer in lora_layers(model):
+        layer.disabled = not enabled

