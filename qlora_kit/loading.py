@@ -20,7 +20,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from . import quantization
+from . import memory, quantization
 from .checkpoint import Checkpoint, resolve
 from .errors import QLoRAKitError
 from .quantization import QuantConfig
@@ -131,7 +131,9 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
     expected = dict(net.named_parameters(remove_duplicate=False))
     ignorable = list(getattr(net, "_keys_to_ignore_on_load_unexpected", None) or [])
     unexpected = []
+    freed = memory.FreedMemory()
     for name, tensor in checkpoint.iter_tensors():
+        freed.processed(tensor.numel() * tensor.element_size())
         if name not in expected:
             if not any(re.search(p, name) for p in ignorable):
                 unexpected.append(name)
@@ -146,7 +148,8 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
         if quantization.is_4bit_linear(module) and leaf == "weight":
             quantization.quantize_into(module, tensor.to(quant.torch_compute_dtype), device)
         else:
-            value = tensor.to(device=device, dtype=_keep_dtype(tensor, quant))
+            # copy=True: a view would keep the whole shard's memory map resident.
+            value = tensor.to(device=device, dtype=_keep_dtype(tensor, quant), copy=True)
             setattr(module, leaf, nn.Parameter(value, requires_grad=False))
         del expected[name]
     if unexpected:
@@ -154,6 +157,7 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
             f"{checkpoint.folder} holds {len(unexpected)} tensor(s) this model does not have, e.g. "
             f"{', '.join(unexpected[:3])}: the checkpoint's layout does not match its config.json"
         )
+    memory.release()
     net.tie_weights()
     missing = [name for name, p in net.named_parameters() if p.device.type == "meta"]
     if missing:

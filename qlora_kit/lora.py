@@ -108,19 +108,14 @@ def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     candidates = linear_names(model)
     if ALL_LINEAR in patterns:
         return candidates
-    chosen, unmatched = [], []
-    for pattern in patterns:
-        hits = [n for n in candidates if _matches(n, pattern)]
-        if not hits:
-            unmatched.append(pattern)
-        chosen.extend(hits)
+    unmatched = [p for p in patterns if not any(_matches(n, p) for n in candidates)]
     if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise QLoRAKitError(
             f"lora.target_modules {unmatched} match no linear layer of this model. "
             f"Linear layers here: {', '.join(leaves)} (or use '{ALL_LINEAR}')"
         )
-    return list(dict.fromkeys(chosen))
+    return [n for n in candidates if any(_matches(n, p) for p in patterns)]
 
 
 def _matches(name: str, pattern: str) -> bool:

@@ -1,0 +1,85 @@
+"""Host memory: handing freed allocator memory back to the OS, and reading peak RSS.
+
+Streaming a checkpoint allocates and frees one large temporary per tensor (the
+bitsandbytes CPU quantizer makes fp32 copies). glibc keeps those freed blocks in
+its heap, so without a trim the process's RSS creeps up towards the size of the
+whole checkpoint even though nothing holds it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+import sys
+
+_libc = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        _libc = None
+
+
+class FreedMemory:
+    """Calls `malloc_trim` once every `every_bytes` of processed tensors.
+
+    Trimming walks the heap, so doing it per tensor would cost time on models with
+    thousands of small tensors; per ~256 MB keeps the overshoot below that.
+    """
+
+    def __init__(self, every_bytes: int = 256 * 2**20):
+        self.every_bytes = every_bytes
+        self.pending = 0
+
+    def processed(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.every_bytes:
+            release()
+            self.pending = 0
+
+
+def release() -> None:
+    """Return free heap pages to the OS (a no-op where glibc is absent)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size, in MiB.
+
+    On Linux this is VmHWM, which belongs to the address space: unlike
+    `ru_maxrss` it does not inherit the parent's peak across fork/exec, and
+    `reset_peak_rss` can restart it.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak at the current RSS (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
