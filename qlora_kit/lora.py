@@ -142,7 +142,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, targets: list[st
             raise QLoRAKitError(f"{name} is a {type(base).__name__}, not a linear layer; LoRA wraps linear layers")
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.torch_dtype))
+        layer = LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.torch_dtype)
+        layer.train(model.training)  # new modules start in train mode; keep an eval model's dropout off
+        setattr(parent, leaf, layer)
     model.qlora_kit_lora = cfg
     return model
 
