@@ -215,6 +215,33 @@ def lora_config_from_peft(config: dict, folder: Path) -> LoRAConfig:
     )
 
 
+def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Copy an adapter's weights into a model that already has exactly those LoRA layers."""
+    folder = Path(folder)
+    _, weights, _ = read_adapter(folder)
+    layers = dict(lora_layers(model))
+    expected = {f"{name}.{part}.weight" for name in layers for part in ("lora_A", "lora_B")}
+    if set(weights) != expected:
+        raise QLoRAKitError(
+            f"adapter {folder} does not match the model's LoRA layers "
+            f"({len(weights)} tensors saved, {len(expected)} expected); was the config changed?"
+        )
+    _copy_weights(layers, weights, folder)
+
+
+def _copy_weights(layers: dict, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    for key, value in weights.items():
+        module_name, part, _ = key.rsplit(".", 2)
+        param = getattr(layers[module_name], part).weight
+        if tuple(param.shape) != tuple(value.shape):
+            raise QLoRAKitError(
+                f"adapter {folder}: {key} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}; "
+                "the adapter was trained on a base of another size"
+            )
+        with torch.no_grad():
+            param.copy_(value)
+
+
 def load_adapter(model: nn.Module, folder: str | os.PathLike, *, strict_base: bool = True,
                  dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap `model`'s layers as the adapter in `folder` describes and load its weights.
@@ -240,17 +267,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, strict_base: bo
             "it was trained on a different architecture"
         )
     apply_lora(model, cfg, targets=names)
-    layers = dict(lora_layers(model))
-    for key, value in weights.items():
-        module_name, part, _ = key.rsplit(".", 2)
-        param = getattr(layers[module_name], part).weight
-        if tuple(param.shape) != tuple(value.shape):
-            raise QLoRAKitError(
-                f"adapter {folder}: {key} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}; "
-                "the adapter was trained on a base of another size"
-            )
-        with torch.no_grad():
-            param.copy_(value)
+    _copy_weights(dict(lora_layers(model)), weights, folder)
     return model
 
 

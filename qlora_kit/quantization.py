@@ -135,3 +135,70 @@ def quantized_bytes(model: nn.Module) -> int:
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
     return total
+
+
+# ---------------------------------------------------------------------------
+# Single-tensor helpers for exporting (qlora_kit.export, qlora_kit.verify).
+# They reuse the exact bitsandbytes calls above so an export reproduces, bit for
+# bit, the weights a loaded 4-bit model computes with.
+# ---------------------------------------------------------------------------
+
+
+def quantize_roundtrip(weight: torch.Tensor, quant: dict) -> torch.Tensor:
+    """What a `Linear4bit` filled from `weight` computes with: quantize on the CPU, then dequantize.
+
+    `weight` must already be in the compute dtype (loading quantizes `tensor.to(compute_dtype)`);
+    `quant` is an adapter manifest's quantization dict (`QuantConfig.describe()`). The result is
+    bit-identical to `dequantize_weight` of the module `quantize_into` fills from the same tensor.
+    """
+    param = bnb.nn.Params4bit(
+        weight,
+        requires_grad=False,
+        quant_type=quant.get("quant_type", "nf4"),
+        blocksize=int(quant.get("blocksize") or BLOCKSIZE),
+        compress_statistics=bool(quant.get("double_quant", True)),
+        quant_storage=DTYPES[quant.get("quant_storage", "uint8")],
+    ).to(torch.device("cpu"))
+    return bnbF.dequantize_4bit(param.data, param.quant_state)
+
+
+def dequantize_saved(packed: torch.Tensor, components: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Dequantize a 4-bit weight as transformers saves it: packed data plus its state tensors.
+
+    `components` maps the suffixes after `<module>.weight.` (`absmax`, `quant_map`,
+    `nested_absmax`, `nested_quant_map`, `quant_state.bitsandbytes__nf4`) to tensors.
+    """
+    state = bnbF.QuantState.from_dict(dict(components), device=torch.device("cpu"))
+    return bnbF.dequantize_4bit(packed, state)
+
+
+# The suffixes transformers gives a 4-bit weight's state tensors in a saved checkpoint.
+SAVED_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
+                        "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Make every `Linear4bit` compute in `dtype` (its stored 4-bit weights are unchanged)."""
+    for module in model.modules():
+        if is_4bit_linear(module):
+            module.compute_dtype = dtype
+            module.compute_type_is_set = True  # stop bitsandbytes from picking one from the input
+
+
+def quant_config_from_description(described: dict | None) -> QuantConfig:
+    """The `QuantConfig` an adapter manifest's quantization dict (`QuantConfig.describe()`) records.
+
+    Manifests do not record `skip_modules`; the default (lm_head) applies unless one does.
+    """
+    described = described or {}
+    cfg = QuantConfig()
+    for key in ("quant_type", "double_quant", "compute_dtype", "quant_storage", "skip_modules"):
+        if described.get(key) is not None:
+            setattr(cfg, key, described[key])
+    return cfg
+
+
+def eight_bit_optimizer(name: str, params, lr: float, weight_decay: float):
+    """bitsandbytes' 8-bit AdamW; `paged_` pages its states to host memory under GPU pressure."""
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, lr=lr, weight_decay=weight_decay)

@@ -1,0 +1,97 @@
+"""The training loss: cross-entropy on supervised tokens only, never materialising full logits.
+
+Logits over a 50k-250k vocabulary are the largest activation of a causal LM:
+(batch · seq · vocab) floats. Here the LM head is applied only at positions that
+have a target (label != -100), a chunk of rows at a time, and the gradient with
+respect to the hidden states is computed in the same pass (the head is frozen, so
+no weight gradient is needed). Peak extra memory is one chunk of logits plus the
+(N, hidden) gradient, and the head's matmul runs twice instead of three times
+(no recompute), as in Liger-Kernel's fused linear cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(softcap(h_i @ W^T), y_i) with d/dh computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, softcap: float | None):
+        # hidden: (N, H) in the compute dtype; weight: (V, H); targets: (N,)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start:start + chunk_rows]
+            y = targets[start:start + chunk_rows]
+            logits = (h @ weight.t()).float()  # (n, V): the only logits alive at any time
+            if softcap:
+                capped = torch.tanh(logits / softcap) * softcap
+            else:
+                capped = logits
+            lse = torch.logsumexp(capped, dim=-1)
+            loss += (lse - capped.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is not None:
+                grad = torch.softmax(capped, dim=-1)  # d loss / d capped = softmax - onehot
+                grad[torch.arange(y.shape[0], device=y.device), y] -= 1
+                if softcap:
+                    grad *= 1 - (capped / softcap) ** 2
+                grad_hidden[start:start + chunk_rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        grad = grad_hidden * grad_loss.to(grad_hidden.dtype) if grad_hidden is not None else None
+        return grad, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                               chunk_rows: int = 1024, softcap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` against `targets`, chunked. Rows are tokens."""
+    if head.weight.requires_grad or getattr(head, "bias", None) is not None:
+        # A trainable or biased head needs the plain path (weight gradient / bias term).
+        logits = head(hidden).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, targets, reduction="sum")
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(hidden.to(head.weight.dtype), head.weight, targets, chunk_rows, softcap)
+
+
+def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int = 1024) -> tuple[torch.Tensor, int]:
+    """(summed next-token cross-entropy over supervised targets, number of those targets).
+
+    The caller divides by the number of supervised targets of the whole accumulated
+    batch, so every token weighs the same whatever micro-batch it fell in.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE_INDEX
+    selected = hidden[:, :-1][keep]  # (N, H): only rows that have a target
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    loss = fused_linear_cross_entropy(selected, model.get_output_embeddings(), targets[keep], chunk_rows, softcap)
+    return loss, int(keep.sum())
+
+
+class SupervisedLoss(nn.Module):
+    """The model plus its loss as one module, so Accelerate/DDP wrap the whole forward.
+
+    forward(batch) -> (summed loss over supervised targets, number of targets).
+    """
+
+    def __init__(self, model: nn.Module, chunk_rows: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_rows = chunk_rows
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return supervised_loss_sum(self.model, batch, self.chunk_rows)

@@ -1,0 +1,123 @@
+"""The run folder: metrics, loss curve, generation samples and a summary a reader can open.
+
+    <output_dir>/
+      config.yaml         the resolved configuration (defaults and overrides applied)
+      metrics.jsonl       one JSON object per logged step: step, loss, lr, eval_loss when evaluated
+      loss_curve.png      train and eval loss against step
+      samples.md          greedy generations on held-out prompts, before and after training
+      adapter/            the final adapter, PEFT format (+ qlora_kit.json)
+      checkpoints/        step-N folders for resume
+      summary.json        final numbers: eval loss, tokens/s, peak memory, data statistics
+      train.log           the log of the run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step; a resumed run drops lines past its checkpoint."""
+
+    def __init__(self, folder: Path, resume_step: int | None = None):
+        self.path = folder / METRICS_FILE
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            self.path.write_text("")
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(records: list[dict], path: Path) -> None:
+    """Train loss (per step) and eval loss (per evaluation) on one chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_samples(path: Path, prompts: list[str], before: list[str], after: list[str], references: list[str]) -> None:
+    lines = ["# Generations on held-out prompts", "",
+             "Greedy decoding with the base model (before) and base + adapter (after).", ""]
+    for i, prompt in enumerate(prompts):
+        lines += [f"## Prompt {i + 1}", "", "```", prompt.strip(), "```", "",
+                  "**Before training:**", "", _quote(before[i] if i < len(before) else ""), "",
+                  "**After training:**", "", _quote(after[i] if i < len(after) else ""), ""]
+        if i < len(references) and references[i]:
+            lines += ["**Reference:**", "", _quote(references[i]), ""]
+    path.write_text("\n".join(lines))
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def add_file_log(folder: Path) -> logging.Handler:
+    """Mirror qlora_kit's log into `train.log` in the run folder."""
+    handler = logging.FileHandler(folder / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("qlora_kit").addHandler(handler)
+    return handler
+
+
+def write_run_readme(folder: Path, run, summary: dict) -> None:
+    """A short README.md so the folder explains itself to whoever opens it later."""
+    lines = [
+        f"# Run: {folder.name}",
+        "",
+        f"Base `{run.model.base}` in 4-bit {run.quant.quant_type}"
+        f"{' + double quant' if run.quant.double_quant else ''}, LoRA rank {run.lora.rank} alpha {run.lora.alpha} "
+        f"on {', '.join(run.lora.target_modules)}; data `{run.data.path}` ({run.data.format}).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| steps | {summary['steps']} |",
+        f"| supervised tokens | {summary['supervised_tokens']:,} |",
+        f"| eval loss (start -> end) | {summary['first_eval_loss']} -> {summary['final_eval_loss']} |",
+        f"| tokens/s | {summary['tokens_per_s']} |",
+        f"| peak memory (MB) | {summary['peak_memory_mb']} |",
+        "",
+        "Files: `config.yaml` (resolved config), `metrics.jsonl`, `loss_curve.png`, `samples.md`,",
+        "`adapter/` (PEFT format), `checkpoints/`, `summary.json`, `train.log`.",
+        "",
+        "Next:",
+        "",
+        "```bash",
+        f"qlora-kit generate {folder} --prompt \"...\"      # try the adapter",
+        f"qlora-kit merge {folder} {folder}-merged      # export a standard HF checkpoint",
+        "```",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines))
