@@ -10,6 +10,8 @@ target, because nothing precedes it.
 
 from __future__ import annotations
 
+import importlib.util
+
 import logging
 import random
 from dataclasses import dataclass, field
@@ -94,10 +96,32 @@ class PreparedData:
 # ---------------------------------------------------------------- loading
 
 
+PACKAGE_SCHEME = "pkg://"
+
+
+def resolve_package_path(path: str) -> str:
+    """`pkg://package/sub/file.jsonl` -> that file inside the installed package.
+
+    Lets a recipe name data that ships as a Python package (like the quickstart's
+    FAQ) without hard-coding where site-packages lives on a given machine.
+    """
+    if not path.startswith(PACKAGE_SCHEME):
+        return path
+    package, _, inner = path[len(PACKAGE_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise QLoRAKitError(
+            f"data path {path} names package '{package}', which is not installed; "
+            f"pip install {package.replace('_', '-')}"
+        )
+    return str(Path(spec.submodule_search_locations[0]) / inner)
+
+
 def load_rows(path: str, split: str = "train") -> list[dict]:
-    """Rows of a local file or a Hub dataset, as plain dicts in file order."""
+    """Rows of a local file (or `pkg://` file) or a Hub dataset, as plain dicts in file order."""
     import datasets
 
+    path = resolve_package_path(path)
     if _is_local(path):
         file = Path(path).expanduser()
         if not file.is_file():

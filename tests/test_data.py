@@ -353,3 +353,13 @@ def test_batches_are_seeded_and_resumable():
     assert epoch0 != list(batches(examples, 3, seed=1, epoch=1))
     assert list(batches(examples, 3, seed=1, epoch=0, start=2)) == epoch0[2:]
     assert batch_indices(10, 3, 1, 0)[2] == [e["input_ids"][0] for e in epoch0[2]]
+
+
+def test_package_paths_resolve_to_installed_data():
+    from qlora_kit.data import load_rows, resolve_package_path
+
+    path = resolve_package_path("pkg://zaragoza_construction_faq/data/faq-en-alpaca.jsonl")
+    assert path.endswith("zaragoza_construction_faq/data/faq-en-alpaca.jsonl")
+    assert len(load_rows("pkg://zaragoza_construction_faq/data/faq-en-alpaca.jsonl")) == 503
+    with pytest.raises(QLoRAKitError, match="not installed"):
+        resolve_package_path("pkg://no_such_package_here/data.jsonl")
