@@ -78,7 +78,11 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.disabled:
             return out
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))  # (..., out)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Without autocast, run the adapter in its own (usually fp32) precision. Under
+            # autocast the matmuls cast for themselves; an fp32 copy of x would be wasted.
+            x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.dropout(x)))  # (..., out)
         return out + (update * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
