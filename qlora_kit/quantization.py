@@ -7,12 +7,14 @@ once, here, and nobody else has to know them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # NF4 block size for the weights and for the second-level (double-quant) constants.
@@ -177,12 +179,27 @@ SAVED_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_ma
                         "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
 
 
-def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """Make every `Linear4bit` compute in `dtype` (its stored 4-bit weights are unchanged)."""
+def compute_with_dequantized_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Make every `Linear4bit` compute `F.linear(x, dequantized weight)` in `dtype`; returns how many.
+
+    Setting a `Linear4bit`'s compute dtype to fp32 is not enough for exact fp32 results:
+    without gradients, bitsandbytes' fused CPU kernel (gemm_4bit) rounds activations
+    to bf16 internally (errors ~1e-1 on a 576-wide layer, vs ~1e-5 in fp32). This
+    computes with exactly the values `dequantize_weight` returns, so the result is
+    what the 4-bit model computes, in `dtype` arithmetic. The 4-bit storage is kept;
+    each call dequantizes its layer afresh (slower, meant for checks, not serving).
+    """
+    count = 0
     for module in model.modules():
         if is_4bit_linear(module):
-            module.compute_dtype = dtype
-            module.compute_type_is_set = True  # stop bitsandbytes from picking one from the input
+            module.forward = functools.partial(_dequantized_forward, module, dtype)
+            count += 1
+    return count
+
+
+def _dequantized_forward(module: nn.Module, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+    bias = module.bias.to(dtype) if module.bias is not None else None
+    return F.linear(x.to(dtype), dequantize_weight(module).to(dtype), bias).to(x.dtype)
 
 
 def quant_config_from_description(described: dict | None) -> QuantConfig:

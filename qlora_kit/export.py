@@ -1,0 +1,491 @@
+"""Exporting plain 16/32-bit Hugging Face checkpoints: merging an adapter into its base, dequantizing a 4-bit checkpoint.
+
+Both read the source shard by shard, transform one tensor at a time and stream
+the results into output shards (`checkpoint_writer.ShardWriter`), so host RAM
+stays near one input shard plus one output shard, plus the temporaries of one
+tensor (bitsandbytes' CPU quantizer works in fp32: ~10x the largest 4-bit
+weight's bf16 size, small next to a shard in real checkpoints). The GPU is never
+used, and verification (which loads whole models) comes on top. The
+output is assembled in `.OUT.tmp-*` beside OUT and renamed into place only
+after it is complete and, for merges, verified (`qlora_kit.verify`).
+
+    merge("runs/r1", "exports/r1")                          # NF4-faithful merge, bf16, verified
+    merge("runs/r1/adapter", "exports/r1-orig", mode="original", dtype="fp16")
+    dequantize("saved-4bit-model", "exports/plain")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from . import memory, quantization
+from .adapter_io import CONFIG_FILE, lora_config_from_peft, read_adapter
+from .checkpoint import Checkpoint, resolve
+from .checkpoint_writer import (DEFAULT_MAX_SHARD_SIZE, ShardWriter, copy_side_files, parse_size,
+                                staged_folder, write_config)
+from .errors import QLoRAKitError
+
+log = logging.getLogger(__name__)
+
+MODES = ("nf4", "original")
+OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_VERIFY_BATCHES = 4
+EXPORT_MANIFEST = "qlora_kit_export.json"
+# Tokenizer files a run may have changed (e.g. a chat template added for training); the
+# adapter folder's copies win over the base's.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+MERGE_HELP = """\
+Merge a LoRA adapter into its base model and write a standard Hugging Face
+checkpoint (sharded safetensors, config, tokenizer, chat template) that loads
+with plain transformers, vLLM or llama.cpp converters: no PEFT, no bitsandbytes.
+
+Which base weights the adapter is added to (--mode):
+
+  nf4 (default)  The adapter was trained on top of the NF4-quantized base, so it
+                 learned corrections relative to *those* weights. The merge
+                 re-quantizes every layer that was 4-bit during training exactly
+                 as training did (quant type, block size, double quant, compute
+                 dtype from the adapter's qlora_kit.json), dequantizes it and adds
+                 scaling*B*A. The export computes what the trained model computed
+                 (up to rounding to --dtype): the losses and evaluations you saw in
+                 training carry over. The cost: the base keeps its 4-bit
+                 quantization error, stored in 16 bits.
+
+  original       Add scaling*B*A to the original 16-bit weights. Choose it when
+                 you will serve the original-precision base anyway and want the
+                 adapter on top of the more accurate weights. But the adapter never
+                 saw these weights: outputs differ from the trained model, usually
+                 slightly, sometimes noticeably (small models, large updates). Its
+                 verification checks the merge against the 16-bit base + adapter
+                 and also reports the drift from the trained 4-bit model.
+
+If unsure, export nf4 (it is what you evaluated); export both and evaluate them
+if the last bit of quality matters.
+
+Verification (on by default, --verify N batches of 4x128 tokens, 0 to skip)
+loads the merged model and the adapter on its base, compares their next-token
+distributions on the same text and refuses to put the export in place if their
+top-1 agreement is below --min-agreement. It needs both models in host RAM
+(about 4.5 bytes per parameter); use --verify 0 for models that do not fit.
+"""
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote."""
+
+    out_dir: Path
+    files: list[str]
+    tensors: int
+    bytes: int
+    seconds: float
+    merged_modules: int = 0
+    verification: dict | None = None
+
+
+# ---------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge needs, checked before a byte is written."""
+
+    adapter_dir: Path
+    checkpoint: Checkpoint
+    mode: str
+    scaling: float
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B)
+    quant: dict  # the manifest's quantization settings (QuantConfig.describe())
+    quantized: set[str]  # weight names that were 4-bit during training
+    skip: set[str]  # tensors not written (lm_head of a tied model)
+    manifest: dict | None
+
+
+def merge(
+    adapter_or_run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    base: str | None = None,
+    mode: str = "nf4",
+    dtype: str = "bf16",
+    force: bool = False,
+    overwrite: bool = False,
+    verify_batches: int = DEFAULT_VERIFY_BATCHES,
+    verify_texts: list[str] | str | os.PathLike | None = None,
+    min_agreement: float | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> ExportResult:
+    """Merge an adapter into its base and write a plain Hugging Face checkpoint at `out_dir`.
+
+    adapter_or_run_dir  an adapter folder, or a run folder holding `adapter/`.
+    base                the base checkpoint; default: the one recorded in the adapter's
+                        qlora_kit.json (its folder, else its source).
+    mode                'nf4': add the update to the base as the 4-bit training model saw
+                        it; 'original': to the original weights (see MERGE_HELP).
+    dtype               'bf16', 'fp16' or 'fp32' for the written weights.
+    force               accept a base whose fingerprint differs from the manifest's.
+    overwrite           replace an existing `out_dir` (only once the new export is complete).
+    verify_batches      batches of 4x128 tokens to compare before the export is put in
+                        place (0: skip); see qlora_kit.verify.
+    verify_texts        texts, or a .txt/.jsonl file, for verification; default: built-in.
+    min_agreement       top-1 agreement below which verification fails (default 0.98).
+    max_shard_size      largest output shard, bytes or '2GB'.
+    progress            show a progress bar (tqdm, on stderr).
+
+    Raises QLoRAKitError, before writing anything, for a missing adapter or base, a
+    base with another fingerprint (unless `force`), missing shards, adapter modules
+    the base lacks or whose shapes differ; and, leaving no export, when verification
+    fails.
+    """
+    started = time.monotonic()
+    out_dtype = _output_dtype(dtype)
+    if mode not in MODES:
+        raise QLoRAKitError(f"unknown merge mode '{mode}': use one of {', '.join(MODES)}")
+    max_bytes = parse_size(max_shard_size)
+    adapter_dir = find_adapter(adapter_or_run_dir)
+    plan = plan_merge(adapter_dir, base=base, mode=mode, force=force)
+    with staged_folder(out_dir, overwrite=overwrite) as tmp:
+        files, tensors, nbytes = _write_merged(plan, tmp, out_dtype, max_bytes, progress)
+        _write_export_manifest(tmp, plan, dtype)
+        report = None
+        if verify_batches > 0:
+            from . import verify  # imports transformers' model classes; only needed here
+
+            report = verify.verify_export(
+                tmp, adapter_dir, plan.checkpoint.folder, plan.quant, mode=mode, batches=verify_batches,
+                texts=verify_texts, min_agreement=min_agreement, force=force,
+            )
+            verify.write_report(tmp, report)
+            if not report["passed"]:
+                raise QLoRAKitError(
+                    f"verification failed, export not written: {verify.summary(report)}. The merged model "
+                    "does not reproduce the adapter on its base; check the base, mode and adapter "
+                    "(or lower --min-agreement / pass --verify 0 if you accept it)"
+                )
+    return ExportResult(
+        out_dir=Path(out_dir), files=files, tensors=tensors, bytes=nbytes, seconds=time.monotonic() - started,
+        merged_modules=len(plan.adapters), verification=report,
+    )
+
+
+def find_adapter(path: str | os.PathLike) -> Path:
+    """The adapter folder itself, or `<run>/adapter` for a training run folder."""
+    path = Path(path).expanduser()
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "adapter" / CONFIG_FILE).is_file():
+        return path / "adapter"
+    if not path.exists():
+        raise QLoRAKitError(f"adapter or run folder not found: {path}")
+    raise QLoRAKitError(
+        f"{path} is neither an adapter folder ({CONFIG_FILE}) nor a run folder with adapter/{CONFIG_FILE}"
+    )
+
+
+def plan_merge(adapter_dir: Path, *, base: str | None, mode: str, force: bool) -> MergePlan:
+    """Read the adapter, find and check its base; raise before writing anything if they do not fit."""
+    peft_config, weights, manifest = read_adapter(adapter_dir)
+    lora = lora_config_from_peft(peft_config, adapter_dir)
+    checkpoint = resolve(_base_source(base, manifest, peft_config, adapter_dir))
+    _check_fingerprint(checkpoint, manifest, adapter_dir, force)
+    adapters = _pair_weights(weights, adapter_dir)
+    shapes = _tensor_shapes(checkpoint)
+    _check_shapes(adapters, shapes, adapter_dir, checkpoint)
+    quant = (manifest or {}).get("quantization") or {}
+    if mode == "nf4" and not quant:
+        log.warning("adapter %s has no qlora_kit.json quantization record; assuming the defaults %s",
+                    adapter_dir, quantization.QuantConfig().describe())
+        quant = quantization.QuantConfig().describe()
+    config = _read_config(checkpoint.folder)
+    tied = bool(config.get("tie_word_embeddings", False))
+    return MergePlan(
+        adapter_dir=adapter_dir, checkpoint=checkpoint, mode=mode, scaling=lora.scaling, adapters=adapters,
+        quant=quant, quantized=_quantized_weights(checkpoint, quant) if mode == "nf4" else set(),
+        skip={"lm_head.weight"} if tied else set(), manifest=manifest,
+    )
+
+
+def _base_source(base: str | None, manifest: dict | None, peft_config: dict, adapter_dir: Path) -> str:
+    if base:
+        return str(base)
+    recorded = (manifest or {}).get("base") or {}
+    if recorded.get("folder") and Path(recorded["folder"]).is_dir():
+        return recorded["folder"]
+    source = recorded.get("source") or peft_config.get("base_model_name_or_path")
+    if not source:
+        raise QLoRAKitError(f"adapter {adapter_dir} does not say which base it was trained on; pass --base")
+    return source
+
+
+def _check_fingerprint(checkpoint: Checkpoint, manifest: dict | None, adapter_dir: Path, force: bool) -> None:
+    trained_on = ((manifest or {}).get("base") or {}).get("fingerprint")
+    if not trained_on:
+        log.warning("adapter %s records no base fingerprint; cannot check it was trained on %s",
+                    adapter_dir, checkpoint.folder)
+        return
+    actual = checkpoint.fingerprint()
+    if actual == trained_on:
+        return
+    message = (
+        f"adapter {adapter_dir} was trained on a different base: its manifest records "
+        f"'{manifest['base'].get('source')}' with fingerprint {trained_on[:32]}..., but {checkpoint.folder} "
+        f"has {actual[:32]}..."
+    )
+    if not force:
+        raise QLoRAKitError(message + ". Point --base at the base it was trained on, or pass --force to merge anyway")
+    log.warning("%s; merging anyway (--force)", message)
+
+
+def _pair_weights(weights: dict[str, torch.Tensor], adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    modules = sorted({key.rsplit(".", 2)[0] for key in weights})
+    pairs = {}
+    for module in modules:
+        a, b = weights.get(f"{module}.lora_A.weight"), weights.get(f"{module}.lora_B.weight")
+        if a is None or b is None:
+            raise QLoRAKitError(f"adapter {adapter_dir} has only one of lora_A/lora_B for {module}; it is incomplete")
+        pairs[module] = (a, b)
+    return pairs
+
+
+def _tensor_shapes(checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the shard headers (no tensor data is read)."""
+    shapes = {}
+    for shard in checkpoint.shards:
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _check_shapes(adapters, shapes, adapter_dir: Path, checkpoint: Checkpoint) -> None:
+    missing = [m for m in adapters if f"{m}.weight" not in shapes]
+    if missing:
+        raise QLoRAKitError(
+            f"adapter {adapter_dir} has weights for {len(missing)} module(s) the base {checkpoint.folder} lacks, "
+            f"e.g. {', '.join(missing[:3])}: it was trained on another architecture"
+        )
+    for module, (a, b) in adapters.items():
+        out_features, in_features = shapes[f"{module}.weight"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
+            raise QLoRAKitError(
+                f"adapter {adapter_dir}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the "
+                f"base weight is {(out_features, in_features)} (needs A (r, {in_features}), B ({out_features}, r)): "
+                "the adapter was trained on a base of another size"
+            )
+
+
+def _quantized_weights(checkpoint: Checkpoint, quant: dict) -> set[str]:
+    """Names of the weights training held in 4-bit, decided by the same code that loads the base."""
+    from transformers import AutoConfig
+
+    from .loading import build_skeleton
+
+    config = AutoConfig.from_pretrained(checkpoint.folder)
+    skeleton = build_skeleton(config, quantization.quant_config_from_description(quant))
+    return {f"{name}.weight" for name, module in skeleton.named_modules() if quantization.is_4bit_linear(module)}
+
+
+def _read_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
+
+
+def _write_merged(plan: MergePlan, folder: Path, out_dtype: torch.dtype, max_bytes: int,
+                  progress: bool) -> tuple[list[str], int, int]:
+    writer = ShardWriter(folder, max_bytes)
+    compute_dtype = quantization.DTYPES[plan.quant.get("compute_dtype", "bfloat16")] if plan.mode == "nf4" else None
+    pending = set(plan.adapters)
+    count = 0
+    total = sum(shard.stat().st_size for shard in plan.checkpoint.shards)
+    freed = _trimmer(max_bytes)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not progress) as bar:
+        for name, tensor in plan.checkpoint.iter_tensors():
+            bar.update(tensor.numel() * tensor.element_size())
+            freed.processed(tensor.numel() * tensor.element_size())
+            if name in plan.skip:
+                continue
+            module = name.removesuffix(".weight") if name.endswith(".weight") else None
+            writer.add(name, merged_tensor(name, tensor, plan, compute_dtype, out_dtype, module))
+            pending.discard(module)
+            count += 1
+    if pending:  # cannot happen after _check_shapes, unless the shards changed under us
+        raise QLoRAKitError(f"base {plan.checkpoint.folder} changed during the merge: {sorted(pending)[:3]} not found")
+    files = writer.finish()
+    write_config(plan.checkpoint.folder, folder, out_dtype)
+    side = copy_side_files(plan.checkpoint.folder, folder)
+    for name in TOKENIZER_FILES:
+        if (plan.adapter_dir / name).is_file():
+            (folder / name).write_bytes((plan.adapter_dir / name).read_bytes())
+    log.info("merged %d modules into %d tensors; copied %s", len(plan.adapters), count, ", ".join(side))
+    return files, count, writer.total_bytes
+
+
+def merged_tensor(name: str, tensor: torch.Tensor, plan: MergePlan, compute_dtype: torch.dtype | None,
+                  out_dtype: torch.dtype, module: str | None) -> torch.Tensor:
+    """One output tensor: the base as training saw it (nf4) or as stored (original), plus the update."""
+    if not tensor.is_floating_point():
+        return tensor
+    if compute_dtype is not None:
+        # What the 4-bit training model held: every float tensor in the compute dtype, the
+        # 4-bit layers quantized from it (the same calls as loading).
+        tensor = tensor.to(compute_dtype)
+        if name in plan.quantized:
+            tensor = quantization.quantize_roundtrip(tensor, plan.quant)
+    if module in plan.adapters:
+        a, b = plan.adapters[module]
+        merged = tensor.to(torch.float32, copy=True)  # never write into the tensor read from the shard
+        del tensor
+        # The same arithmetic as LoRALinear.delta_weight (fp32, B@A, then scaling), done in
+        # place to keep the temporaries of a large weight to two fp32 copies.
+        delta = b.float() @ a.float()
+        delta *= plan.scaling
+        merged += delta
+        del delta
+        tensor = merged
+    result = tensor.to(out_dtype)
+    if out_dtype == torch.float16 and not torch.isfinite(result).all():
+        raise QLoRAKitError(f"{name} overflows float16 after merging; export with --dtype bf16 or fp32")
+    return result
+
+
+def _write_export_manifest(folder: Path, plan: MergePlan, dtype: str) -> None:
+    data = {
+        "kind": "merge",
+        "mode": plan.mode,
+        "dtype": dtype,
+        "adapter": str(plan.adapter_dir.resolve()),
+        "base": {"source": plan.checkpoint.source, "folder": str(plan.checkpoint.folder)},
+        "quantization": plan.quant if plan.mode == "nf4" else None,
+        "merged_modules": len(plan.adapters),
+        "scaling": plan.scaling,
+        "adapter_manifest": plan.manifest,
+    }
+    (folder / EXPORT_MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _trimmer(max_shard_bytes: int) -> memory.FreedMemory:
+    """Hands freed temporaries back to the OS every eighth of a shard (at most every 256 MiB).
+
+    Each tensor's fp32 temporaries are freed at once, but glibc keeps the freed
+    blocks; without trimming, RSS creeps towards the checkpoint's size.
+    """
+    return memory.FreedMemory(every_bytes=min(256 * 2**20, max(max_shard_bytes // 8, 1)))
+
+
+def _output_dtype(dtype: str) -> torch.dtype:
+    if dtype not in OUTPUT_DTYPES:
+        raise QLoRAKitError(f"unknown output dtype '{dtype}': use one of {', '.join(OUTPUT_DTYPES)}")
+    return OUTPUT_DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------
+# dequantize
+# ---------------------------------------------------------------------------
+
+_STATE_SUFFIXES = tuple(f".weight.{s}" for s in quantization.SAVED_STATE_SUFFIXES)
+
+
+def dequantize(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> ExportResult:
+    """Turn a bitsandbytes 4-bit checkpoint (as `save_pretrained` writes it) into a plain one.
+
+    Each 4-bit weight is rebuilt from its packed data and saved quantization state
+    and dequantized exactly as the 4-bit model computes with it; other tensors are
+    cast to `dtype`. The output config has no quantization_config.
+    """
+    started = time.monotonic()
+    out_dtype = _output_dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    checkpoint = resolve(src)
+    config = _read_config(checkpoint.folder)
+    _check_4bit_config(config, checkpoint.folder)
+    names = checkpoint.tensor_names()
+    parts = _saved_4bit_weights(names)
+    if not parts:
+        raise QLoRAKitError(f"{checkpoint.folder} holds no 4-bit weights (no '*.weight.absmax' tensors) to dequantize")
+    with staged_folder(out_dir, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, max_bytes)
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        count = 0
+        total = sum(shard.stat().st_size for shard in checkpoint.shards)
+        freed = _trimmer(max_bytes)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="dequantize", disable=not progress) as bar:
+            for name, tensor in checkpoint.iter_tensors():
+                bar.update(tensor.numel() * tensor.element_size())
+                freed.processed(tensor.numel() * tensor.element_size())
+                weight, part = _owner(name, parts)
+                if weight is None:
+                    writer.add(name, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
+                    count += 1
+                    continue
+                # A weight's pieces may sit in different shards: hold them (all small but
+                # the packed data) until the last one arrives.
+                pieces = pending.setdefault(weight, {})
+                pieces[part] = tensor
+                if len(pieces) == len(parts[weight]):
+                    del pending[weight]
+                    packed = pieces.pop("")
+                    writer.add(weight, quantization.dequantize_saved(packed, pieces).to(out_dtype))
+                    count += 1
+        files = writer.finish()
+        write_config(checkpoint.folder, tmp, out_dtype)
+        copy_side_files(checkpoint.folder, tmp)
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(
+            {"kind": "dequantize", "dtype": dtype, "source": checkpoint.source,
+             "quantization_config": config.get("quantization_config")}, indent=2) + "\n")
+    return ExportResult(out_dir=Path(out_dir), files=files, tensors=count, bytes=writer.total_bytes,
+                        seconds=time.monotonic() - started)
+
+
+def _check_4bit_config(config: dict, folder: Path) -> None:
+    qc = config.get("quantization_config")
+    if qc is None:
+        return  # the tensors decide; a checkpoint saved outside transformers may lack the block
+    if qc.get("quant_method") not in (None, "bitsandbytes"):
+        raise QLoRAKitError(f"{folder} is quantized with {qc.get('quant_method')}; only bitsandbytes 4-bit is supported")
+    if qc.get("load_in_8bit"):
+        raise QLoRAKitError(f"{folder} is a bitsandbytes 8-bit checkpoint; only 4-bit checkpoints can be dequantized")
+
+
+def _saved_4bit_weights(names) -> dict[str, set[str]]:
+    """weight name -> the parts stored for it: '' (packed data) plus state suffixes."""
+    parts: dict[str, set[str]] = {}
+    for name in names:
+        for suffix in _STATE_SUFFIXES:
+            if name.endswith(suffix):
+                weight = name[: -len(suffix) + len(".weight")]
+                parts.setdefault(weight, {""}).add(suffix[len(".weight."):])
+    missing = [w for w in parts if w not in names]
+    if missing:
+        raise QLoRAKitError(f"4-bit state without packed weights for {', '.join(missing[:3])}: the checkpoint is incomplete")
+    return parts
+
+
+def _owner(name: str, parts: dict[str, set[str]]) -> tuple[str | None, str]:
+    """(4-bit weight, part) that tensor `name` belongs to, or (None, '') for an ordinary tensor."""
+    if name in parts:
+        return name, ""
+    for suffix in _STATE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix) + len(".weight")], suffix[len(".weight."):]
+    return None, ""
