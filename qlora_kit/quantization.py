@@ -52,6 +52,7 @@ class QuantConfig:
             "nested_blocksize": NESTED_BLOCKSIZE if self.double_quant else None,
             "compute_dtype": self.compute_dtype,
             "quant_storage": self.quant_storage,
+            "skip_modules": list(self.skip_modules),
         }
 
 
@@ -205,7 +206,7 @@ def _dequantized_forward(module: nn.Module, dtype: torch.dtype, x: torch.Tensor)
 def quant_config_from_description(described: dict | None) -> QuantConfig:
     """The `QuantConfig` an adapter manifest's quantization dict (`QuantConfig.describe()`) records.
 
-    Manifests do not record `skip_modules`; the default (lm_head) applies unless one does.
+    Manifests written before `skip_modules` was recorded get the default (lm_head).
     """
     described = described or {}
     cfg = QuantConfig()
