@@ -165,6 +165,9 @@ def _coerce(value: Any, tp: Any, path: str) -> tuple[Any, list[Problem]]:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
+            # YAML 1.1 reads a bare `no`/`yes` as a bool; the user meant the choice.
+            value = "no" if value is False else "yes"
         # `True == 1` in Python, so compare types too: 1 must not pass for Literal[True].
         if any(value == c and type(value) is type(c) for c in choices):
             return value, []

@@ -88,7 +88,11 @@ def add_file_log(folder: Path) -> logging.Handler:
     """Mirror qlora_kit's log into `train.log` in the run folder."""
     handler = logging.FileHandler(folder / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("qlora_kit").addHandler(handler)
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("qlora_kit")
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # the run's record is wanted even when the console is quieter
+    logger.addHandler(handler)
     return handler
 
 

@@ -30,7 +30,7 @@ from .loading import load_base
 from .lora import apply_lora, parameter_counts, set_adapters_enabled, trainable_parameters
 from .losses import SupervisedLoss
 from .run_folder import MetricsLog, add_file_log, perplexity, plot_loss_curve, write_run_readme, write_samples
-from .training_state import LoopState, list_checkpoints, load_checkpoint, save_checkpoint
+from .training_state import LoopState, list_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
 
 if TYPE_CHECKING:
     from .recipe import RunConfig
@@ -60,7 +60,7 @@ class TrainConfig:
     eval_every: int = 50  # evaluate every N steps (and at the start and end); 0: only start and end
     eval_batches: Optional[int] = None  # cap evaluation at N micro-batches; default: the whole held-out set
     save_every: int = 50  # checkpoint every N steps; 0: only the final adapter
-    keep_checkpoints: int = 2  # newest checkpoints kept; older ones are deleted
+    keep_checkpoints: int = 2  # newest checkpoints kept, older ones deleted; 0 keeps all
     resume: bool = False  # continue from the newest checkpoint in output_dir
     log_every: int = 1  # write metrics every N steps
     sample_prompts: int = 3  # held-out prompts to generate from before and after training; 0 disables
@@ -91,6 +91,8 @@ def train(run: "RunConfig") -> dict:
     resume_from = _prepare_output_dir(out, cfg.resume)
     file_log = add_file_log(out)
     try:
+        if cfg.resume and resume_from is None:
+            log.warning("train.resume is set but %s has no checkpoint yet: starting from step 0", out)
         return _train(run, out, resume_from)
     finally:
         logging.getLogger("qlora_kit").removeHandler(file_log)
@@ -136,6 +138,7 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
     if accelerator.trackers:
         accelerator.init_trackers("qlora_kit", config=_flat(to_dict(run)))
 
+    loss_fn.train()  # load_base returns an eval-mode model; dropout and checkpointing need train mode
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     window_tokens, window_start = 0, time.perf_counter()
@@ -144,13 +147,10 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
         group = _next_micro_batches(data, cfg, state, micro_per_epoch)
         loss_sum, n_tokens = _accumulate(loss_fn, group, data.pad_id, mask_dtype, accelerator)
         if not math.isfinite(loss_sum):
-            last = list_checkpoints(out / "checkpoints")
-            raise QLoRAKitError(
-                f"the loss became {loss_sum} at step {state.step + 1}; training stopped before applying it. "
-                f"Last good checkpoint: {last[-1] if last else 'none'}. Lower train.learning_rate, "
-                "keep train.max_grad_norm > 0, or check the data for extreme examples"
-            )
+            _stop_non_finite(out, "loss", loss_sum, state.step + 1)
         grad_norm = _clip(accelerator, loss_fn, cfg.max_grad_norm)
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            _stop_non_finite(out, "gradient norm", grad_norm, state.step + 1)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -182,8 +182,18 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
     return _finish(run, out, model, tokenizer, data, state, metrics, before, accelerator)
 
 
+def _stop_non_finite(out: Path, what: str, value: float, step: int) -> None:
+    last = list_checkpoints(out / "checkpoints")
+    raise QLoRAKitError(
+        f"the {what} became {value} at step {step}; training stopped before applying it. "
+        f"Last good checkpoint: {last[-1] if last else 'none'}. Lower train.learning_rate, "
+        "keep train.max_grad_norm > 0, or check the data for extreme examples"
+    )
+
+
 def make_accelerator(cfg: TrainConfig, out: Path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     cuda = torch.cuda.is_available()
     precision = cfg.mixed_precision
@@ -191,6 +201,9 @@ def make_accelerator(cfg: TrainConfig, out: Path):
         precision = "bf16" if (not cuda or torch.cuda.is_bf16_supported()) else "fp16"
     if precision == "fp16" and not cuda:
         raise QLoRAKitError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    # A previous train() in this process (a notebook, a sweep) leaves its precision in
+    # Accelerate's global state; reset it, keeping the distributed setup (PartialState).
+    AcceleratorState._reset_state()
     return Accelerator(
         mixed_precision=precision,
         cpu=not cuda,
@@ -369,10 +382,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _prepare_output_dir(out: Path, resume: bool) -> Path | None:
     """Return the checkpoint to resume from; refuse to mix a new run into an old folder."""
     checkpoints = list_checkpoints(out / "checkpoints")
+    remove_partial_checkpoints(out / "checkpoints")  # left by a run killed mid-write
     if resume:
         if checkpoints:
             return checkpoints[-1]
-        log.warning("train.resume is set but %s has no checkpoint yet: starting from step 0", out)
     elif (out / "metrics.jsonl").exists() or checkpoints:
         raise QLoRAKitError(
             f"{out} already holds a run. Continue it with train.resume=true, "

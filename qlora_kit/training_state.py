@@ -8,6 +8,7 @@ the data, so a resumed run continues exactly where the killed one stopped.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -61,6 +62,13 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "state.json").is_file()]
 
 
+def remove_partial_checkpoints(root: Path) -> None:
+    """Delete `.step-*.tmp-*` folders that a killed run left mid-write."""
+    if root.is_dir():
+        for leftover in root.glob(".step-*.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> LoopState:
     """Restore adapter weights, optimizer, scheduler and RNG states; return the loop position."""
     try:
@@ -70,7 +78,7 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> LoopState:
         scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
         return LoopState(**json.loads((folder / "state.json").read_text()))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise QLoRAKitError(f"cannot resume from {folder}: {exc}. Delete it to resume from an older checkpoint") from exc
 
 

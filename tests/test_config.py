@@ -335,3 +335,16 @@ def test_field_docs_inherited_and_graceful_without_source():
     exec("from dataclasses import dataclass\n@dataclass\nclass NoSrc:\n    x: int = 1  # hidden\n", ns)
     assert field_docs(ns["NoSrc"]) == {}
     assert describe(ns["NoSrc"]) == "x (int, default 1)"
+
+
+def test_yaml_no_reads_as_the_no_choice():
+    from dataclasses import dataclass
+    from typing import Literal
+
+    from qlora_kit.config import from_dict, parse_overrides
+
+    @dataclass
+    class Precision:
+        mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+
+    assert from_dict(Precision, parse_overrides(["mixed_precision=no"])).mixed_precision == "no"
