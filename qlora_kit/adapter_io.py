@@ -293,9 +293,10 @@ def check_base(model: nn.Module, manifest_data: dict, folder: Path, strict: bool
         if strict:
             raise QLoRAKitError(message + ", or pass strict_base=False / --force to use it anyway")
         warnings.warn(message, stacklevel=3)
-    trained_quant = manifest_data.get("quantization")
-    if trained_quant and trained_quant != base.quant:
-        diff = {k: (trained_quant.get(k), base.quant.get(k)) for k in trained_quant if trained_quant.get(k) != base.quant.get(k)}
+    trained_quant = manifest_data.get("quantization") or {}
+    # Compare only what both sides record: older manifests lack newer keys.
+    diff = {k: (v, base.quant[k]) for k, v in trained_quant.items() if k in base.quant and v != base.quant[k]}
+    if diff:
         warnings.warn(
             f"adapter {folder} was trained on a base quantized differently (trained, now): {diff}; "
             "outputs will differ from training",

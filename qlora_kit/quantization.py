@@ -8,12 +8,22 @@ once, here, and nobody else has to know them.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import torch
+
+# bitsandbytes warns at import when an optional accelerated CPU kernel package is
+# absent; it is harmless and would greet every command, so quiet it for the import.
+_bnb_log = logging.getLogger("bitsandbytes")
+_bnb_level = _bnb_log.level
+_bnb_log.setLevel(logging.ERROR)
+try:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+finally:
+    _bnb_log.setLevel(_bnb_level)
 import torch.nn.functional as F
 from torch import nn
 
