@@ -171,7 +171,9 @@ def bench_model(name: str, args, runner: Runner, scratch: Path, gpu_name: str | 
                 spec["profile_out"] = str(Path(args.results_dir) / f"profile-{args.device}-{name}-{system}-{labels}.txt")
             runs[system] = runner(spec)
 
-    if not args.skip_merge and adapter.is_dir():
+    if not args.skip_merge and n_params > args.merge_max_params:
+        out["merge"] = {"skipped": f"{n_params:,} base parameters > --merge-max-params {args.merge_max_params:,.0f}"}
+    elif not args.skip_merge and adapter.is_dir():
         out["merge"] = {}
         for system in SYSTEMS:
             merged = work / f"merged-{system}"
@@ -219,8 +221,8 @@ def summarize(out: dict, n_params: int, peak: float | None) -> dict:
         rel = [abs(a - b) / abs(b) for a, b in zip(q["losses"], r["losses"]) if b]
         agreement[labels] = {"qlora_kit": [round(x, 5) for x in q["losses"]],
                              "reference": [round(x, 5) for x in r["losses"]],
-                             "max_rel_diff": round(max(rel), 5) if rel else None,
-                             "step0_rel_diff": round(rel[0], 5) if rel else None}
+                             "max_rel_diff": float(f"{max(rel):.3g}") if rel else None,
+                             "step0_rel_diff": float(f"{rel[0]:.3g}") if rel else None}
     first = next(iter(out["train"].values()), {})
     q, r = first.get("qlora_kit", {}), first.get("reference", {})
     if "load" in q and "load" in r:
@@ -229,7 +231,7 @@ def summarize(out: dict, n_params: int, peak: float | None) -> dict:
         if q["load"].get("cuda_peak_mb") is not None:
             add("peak CUDA memory while loading (MiB)", q["load"]["cuda_peak_mb"], r["load"]["cuda_peak_mb"], "lower")
     merge = out.get("merge", {})
-    if merge and all("error" not in merge[s] for s in SYSTEMS):
+    if merge and all(s in merge and "error" not in merge[s] for s in SYSTEMS):
         add("merge + write 16-bit checkpoint (s)", merge["qlora_kit"]["seconds"], merge["reference"]["seconds"], "lower")
         add("peak RSS while merging (MiB)", merge["qlora_kit"]["peak_rss_mb"], merge["reference"]["peak_rss_mb"], "lower")
     maxlen = out.get("max_seq_len", {})
@@ -300,6 +302,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-merge", action="store_true")
+    p.add_argument("--merge-max-params", type=float, default=3e9,
+                   help="skip the merge for larger bases (both merges run on the CPU; an 8B NF4 re-quantization "
+                        "takes long there); default 3e9")
     p.add_argument("--skip-maxlen", action="store_true")
     p.add_argument("--memory-budget-gb", type=float, help="CUDA budget for the max-length search; default: the whole GPU")
     p.add_argument("--maxlen-cap", type=int, default=262144)
