@@ -228,12 +228,19 @@ def summarize(out: dict, n_params: int, peak: float | None) -> dict:
     if "load" in q and "load" in r:
         add("load into 4-bit (s)", q["load"]["seconds"], r["load"]["seconds"], "lower")
         add("peak RSS while loading (MiB)", q["load"]["peak_rss_mb"], r["load"]["peak_rss_mb"], "lower")
+        if "rss_before_mb" in q["load"]:
+            add("  of which above the pre-load RSS (MiB)", round(q["load"]["peak_rss_mb"] - q["load"]["rss_before_mb"], 1),
+                round(r["load"]["peak_rss_mb"] - r["load"]["rss_before_mb"], 1), "lower")
         if q["load"].get("cuda_peak_mb") is not None:
             add("peak CUDA memory while loading (MiB)", q["load"]["cuda_peak_mb"], r["load"]["cuda_peak_mb"], "lower")
     merge = out.get("merge", {})
     if merge and all(s in merge and "error" not in merge[s] for s in SYSTEMS):
         add("merge + write 16-bit checkpoint (s)", merge["qlora_kit"]["seconds"], merge["reference"]["seconds"], "lower")
         add("peak RSS while merging (MiB)", merge["qlora_kit"]["peak_rss_mb"], merge["reference"]["peak_rss_mb"], "lower")
+        if "rss_before_mb" in merge["qlora_kit"]:
+            add("  of which above the pre-merge RSS (MiB)",
+                round(merge["qlora_kit"]["peak_rss_mb"] - merge["qlora_kit"]["rss_before_mb"], 1),
+                round(merge["reference"]["peak_rss_mb"] - merge["reference"]["rss_before_mb"], 1), "lower")
     maxlen = out.get("max_seq_len", {})
     if maxlen and all("max_seq_len" in maxlen[s] for s in SYSTEMS):
         add(f"longest batch-1 sequence in {maxlen['qlora_kit']['budget_mb']} MiB (tokens)",

@@ -88,12 +88,13 @@ def qlora_kit_setup(spec, device):
                       gradient_checkpointing=True, output_dir=spec["scratch"])
     accelerator = make_accelerator(cfg, Path(spec["scratch"]))
     _sync(device)
+    rss_before = round(vmrss_mb(), 1)  # imports and runtime, before any weight is read
     start = time.perf_counter()
     model, tokenizer = load_base(ModelConfig(base=spec["model_dir"], device=str(accelerator.device),
                                              attn_implementation="sdpa"), QuantConfig())
     _sync(device)
     load = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": round(vmhwm_mb(), 1),
-            "rss_after_mb": round(vmrss_mb(), 1), "cuda_peak_mb": _cuda_peak_mb(device)}
+            "rss_before_mb": rss_before, "rss_after_mb": round(vmrss_mb(), 1), "cuda_peak_mb": _cuda_peak_mb(device)}
     set_seed(spec["seed"])
     apply_lora(model, LoRAConfig(rank=spec["rank"], alpha=spec["alpha"], dropout=0.0))
     if spec.get("init_lora_out"):
@@ -141,6 +142,7 @@ def reference_setup(spec, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     _sync(device)
+    rss_before = round(vmrss_mb(), 1)
     start = time.perf_counter()
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=torch.bfloat16)
@@ -151,7 +153,7 @@ def reference_setup(spec, device):
     AutoTokenizer.from_pretrained(spec["model_dir"])
     _sync(device)
     load = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": round(vmhwm_mb(), 1),
-            "rss_after_mb": round(vmrss_mb(), 1), "cuda_peak_mb": _cuda_peak_mb(device)}
+            "rss_before_mb": rss_before, "rss_after_mb": round(vmrss_mb(), 1), "cuda_peak_mb": _cuda_peak_mb(device)}
     # Non-reentrant checkpointing, as qlora_kit uses and as transformers' Trainer defaults to
     # (PEFT's bare default, {} -> torch's reentrant variant, computes the same thing).
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
@@ -281,6 +283,7 @@ def task_merge(spec) -> dict:
     if spec["system"] == "qlora_kit":
         from qlora_kit.export import merge
 
+        rss_before = vmrss_mb()
         start = time.perf_counter()
         result = merge(spec["adapter_dir"], spec["out_dir"], base=spec["model_dir"], mode=spec.get("mode", "nf4"),
                        dtype="bf16", verify_batches=spec.get("verify_batches", 0), progress=False)
@@ -294,6 +297,7 @@ def task_merge(spec) -> dict:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        rss_before = vmrss_mb()
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16, device_map={"": "cpu"})
         model = PeftModel.from_pretrained(model, spec["adapter_dir"])
@@ -304,7 +308,8 @@ def task_merge(spec) -> dict:
         what = ("AutoModelForCausalLM.from_pretrained(bf16) + PeftModel.from_pretrained + merge_and_unload() + "
                 "save_pretrained + tokenizer: the 16-bit base plus the adapter (like qlora_kit's mode='original')")
         written = sum(f.stat().st_size for f in Path(spec["out_dir"]).glob("*.safetensors"))
-    return {"seconds": round(seconds, 3), "peak_rss_mb": round(vmhwm_mb(), 1), "bytes_written": written, "what": what}
+    return {"seconds": round(seconds, 3), "peak_rss_mb": round(vmhwm_mb(), 1), "rss_before_mb": round(rss_before, 1),
+            "bytes_written": written, "what": what}
 
 
 def task_maxlen(spec) -> dict:
