@@ -46,6 +46,23 @@ def release() -> None:
         _libc.malloc_trim(0)
 
 
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (reported in KiB) in MiB; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _maxrss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size, in MiB.
 
@@ -53,26 +70,13 @@ def peak_rss_mb() -> float:
     `ru_maxrss` it does not inherit the parent's peak across fork/exec, and
     `reset_peak_rss` can restart it.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else _maxrss_mb()
 
 
 def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mb()
+    current = _status_mb("VmRSS")
+    return current if current is not None else _maxrss_mb()
 
 
 def reset_peak_rss() -> bool:
