@@ -51,6 +51,7 @@ def llama_config(name: str):
 def model_folder(name: str, scratch: Path) -> Path:
     """A local HF folder (config, safetensors, tokenizer) for `name`, written under `scratch` if random."""
     from qlora_kit.packaged import smollm2_path
+    from qlora_kit.synthetic import write_random_checkpoint
 
     if name == "smollm2-135m":
         return smollm2_path()
@@ -61,57 +62,6 @@ def model_folder(name: str, scratch: Path) -> Path:
         return folder
     write_random_checkpoint(folder, llama_config(name), tokenizer_from=smollm2_path())
     (folder / "DONE").write_text("ok\n")
-    return folder
-
-
-def write_random_checkpoint(folder: Path, config, *, shard_bytes: int = 2 * 2**30, seed: int = 0,
-                            tokenizer_from: Path | None = None) -> Path:
-    """Random normal(0, 0.02) bf16 weights (norms = 1), one shard in memory at a time.
-
-    The same idea as tests/factories.py, with shards sized for multi-GB models.
-    """
-    import torch
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(folder)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(p.shape) for name, p in skeleton.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    gen = torch.Generator().manual_seed(seed)
-    names = list(shapes)
-    groups, current, size = [], [], 0
-    for name in names:
-        nbytes = 2 * int(torch.Size(shapes[name]).numel())
-        if current and size + nbytes > shard_bytes:
-            groups.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current:
-        groups.append(current)
-    weight_map = {}
-    for i, group in enumerate(groups, 1):
-        shard = {}
-        for name in group:
-            if name.endswith("norm.weight") or "layernorm" in name:
-                shard[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
-            else:
-                shard[name] = torch.randn(shapes[name], generator=gen).mul_(0.02).to(torch.bfloat16)
-        file = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        save_file(shard, folder / file, metadata={"format": "pt"})
-        weight_map.update({k: file for k in shard})
-        del shard
-    if len(groups) > 1:
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    if tokenizer_from is not None:
-        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
     return folder
 
 

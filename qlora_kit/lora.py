@@ -82,8 +82,10 @@ class LoRALinear(nn.Module):
             # Without autocast, run the adapter in its own (usually fp32) precision. Under
             # autocast the matmuls cast for themselves; an fp32 copy of x would be wasted.
             x = x.to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(self.dropout(x)))  # (..., out)
-        return out + (update * self.scaling).to(out.dtype)
+        # Scale the rank-r intermediate, not the (..., out) result: the same product,
+        # up to out_features / rank times less work in forward and backward.
+        update = self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)  # (..., out)
+        return out + update.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B @ A in fp32, shaped like the base weight (out, in)."""

@@ -29,18 +29,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start:start + chunk_rows]
             y = targets[start:start + chunk_rows]
+            rows = torch.arange(y.shape[0], device=y.device)
             logits = (h @ weight.t()).float()  # (n, V): the only logits alive at any time
             if softcap:
-                capped = torch.tanh(logits / softcap) * softcap
-            else:
-                capped = logits
-            lse = torch.logsumexp(capped, dim=-1)
-            loss += (lse - capped.gather(1, y[:, None]).squeeze(1)).sum()
+                logits = logits.div_(softcap).tanh_().mul_(softcap)
+                # d capped / d raw = 1 - (capped / cap)^2, needed after logits become the softmax
+                cap_grad = 1 - (logits / softcap) ** 2 if grad_hidden is not None else None
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits[rows, y]).sum()
             if grad_hidden is not None:
-                grad = torch.softmax(capped, dim=-1)  # d loss / d capped = softmax - onehot
-                grad[torch.arange(y.shape[0], device=y.device), y] -= 1
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax in place: d loss / d logits = p - onehot
+                grad[rows, y] -= 1
                 if softcap:
-                    grad *= 1 - (capped / softcap) ** 2
+                    grad *= cap_grad
                 grad_hidden[start:start + chunk_rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return loss

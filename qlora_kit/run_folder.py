@@ -24,8 +24,11 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsLog:
     """Appends one JSON line per logged step; a resumed run drops lines past its checkpoint."""
 
-    def __init__(self, folder: Path, resume_step: int | None = None):
+    def __init__(self, folder: Path, resume_step: int | None = None, enabled: bool = True):
         self.path = folder / METRICS_FILE
+        self.enabled = enabled
+        if not enabled:
+            return
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
@@ -34,6 +37,8 @@ class MetricsLog:
             self.path.write_text("")
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -127,12 +127,14 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume_from, state.step)
-    save_config(run, out / "config.yaml")
-    metrics = MetricsLog(out, resume_step=state.step if resume_from else None)
+    main = accelerator.is_main_process  # under several processes, one writes the run folder
+    if main:
+        save_config(run, out / "config.yaml")
+    metrics = MetricsLog(out, resume_step=state.step if resume_from else None, enabled=main)
     eval_fn = lambda: evaluate(loss_fn, data, cfg, accelerator)  # noqa: E731
     mask_dtype = quantization.DTYPES[run.quant.compute_dtype]
 
-    before = _samples_before(out, model, tokenizer, data, cfg, fresh=resume_from is None)
+    before = _samples_before(out, model, tokenizer, data, cfg, fresh=resume_from is None) if main else []
     if resume_from is None:
         metrics.write({"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], **eval_fn()})
     if accelerator.trackers:
@@ -175,10 +177,14 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
                              **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
         progress.update(1)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-            save_checkpoint(out / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            if main:
+                save_checkpoint(out / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
     progress.close()
     if accelerator.trackers:
         accelerator.end_training()
+    if not main:
+        return {}
     return _finish(run, out, model, tokenizer, data, state, metrics, before, accelerator)
 
 
