@@ -82,7 +82,7 @@ def qlora_kit_setup(spec, device):
     from qlora_kit import LoRAConfig, ModelConfig, QuantConfig, apply_lora, load_base
     from qlora_kit.losses import SupervisedLoss
     from qlora_kit.lora import lora_state_dict, trainable_parameters
-    from qlora_kit.training import TrainConfig, make_accelerator, make_optimizer, set_seed
+    from qlora_kit.training import TrainConfig, enable_checkpointing, make_accelerator, make_optimizer, set_seed
 
     cfg = TrainConfig(mixed_precision="bf16", learning_rate=spec["lr"], optimizer="auto",
                       gradient_checkpointing=True, output_dir=spec["scratch"])
@@ -102,7 +102,7 @@ def qlora_kit_setup(spec, device):
 
         save_file({k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(model).items()},
                   spec["init_lora_out"])
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.config.use_cache = False
     optimizer = make_optimizer(cfg, trainable_parameters(model), accelerator.device)
     loss_fn = SupervisedLoss(model, cfg.loss_chunk_tokens)

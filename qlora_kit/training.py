@@ -112,8 +112,7 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
              100 * counts["trainable"] / counts["total"])
     if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, which a frozen 4-bit base lacks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False
 
     micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
@@ -186,6 +185,19 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
     if not main:
         return {}
     return _finish(run, out, model, tokenizer, data, state, metrics, before, accelerator)
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward instead of keeping them.
+
+    Non-reentrant checkpointing needs no input that requires grad, which a frozen
+    4-bit base lacks. Recent transformers call it activation checkpointing.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _stop_non_finite(out: Path, what: str, value: float, step: int) -> None:
