@@ -29,21 +29,23 @@ IGNORE_INDEX = -100
 # ----------------------------------------------------------------------------- measuring
 
 
-def vmhwm_mb() -> float:
-    """Peak resident set size of this process (VmHWM), MiB."""
+def _status_mb(field: str) -> float:
+    """A field of /proc/self/status in MiB. Read here, not through qlora_kit.memory, so the
+    reference's process never imports qlora_kit (its memory baseline stays its own)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def vmhwm_mb() -> float:
+    """Peak resident set size of this process (VmHWM), MiB."""
+    return _status_mb("VmHWM")
 
 
 def vmrss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb("VmRSS")
 
 
 def _sync(device) -> None:
