@@ -35,6 +35,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "qlora_kit.json"
 PEFT_PREFIX = "base_model.model."
 MANIFEST_VERSION = 1
+RUN_ADAPTER_DIR = "adapter"  # where a training run folder keeps its final adapter
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -60,6 +61,20 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict | None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def find_adapter(path: str | os.PathLike) -> Path:
+    """The adapter folder itself, or `<run>/adapter` for a training run folder."""
+    path = Path(path).expanduser()
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / RUN_ADAPTER_DIR / CONFIG_FILE).is_file():
+        return path / RUN_ADAPTER_DIR
+    if not path.exists():
+        raise QLoRAKitError(f"adapter or run folder not found: {path}")
+    raise QLoRAKitError(
+        f"{path} is neither an adapter folder ({CONFIG_FILE}) nor a run folder with {RUN_ADAPTER_DIR}/{CONFIG_FILE}"
+    )
 
 
 def replace_dir(new: Path, target: Path) -> None:

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import memory, quantization
-from .adapter_io import CONFIG_FILE, lora_config_from_peft, read_adapter
+from .adapter_io import find_adapter, lora_config_from_peft, read_adapter
 from .checkpoint import Checkpoint, resolve
 from .checkpoint_writer import (DEFAULT_MAX_SHARD_SIZE, ShardWriter, copy_side_files, parse_size,
                                 staged_folder, write_config)
@@ -179,20 +179,6 @@ def merge(
     return ExportResult(
         out_dir=Path(out_dir), files=files, tensors=tensors, bytes=nbytes, seconds=time.monotonic() - started,
         merged_modules=len(plan.adapters), verification=report,
-    )
-
-
-def find_adapter(path: str | os.PathLike) -> Path:
-    """The adapter folder itself, or `<run>/adapter` for a training run folder."""
-    path = Path(path).expanduser()
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (path / "adapter" / CONFIG_FILE).is_file():
-        return path / "adapter"
-    if not path.exists():
-        raise QLoRAKitError(f"adapter or run folder not found: {path}")
-    raise QLoRAKitError(
-        f"{path} is neither an adapter folder ({CONFIG_FILE}) nor a run folder with adapter/{CONFIG_FILE}"
     )
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .adapter_io import CONFIG_FILE, MANIFEST_FILE, load_adapter
+from .adapter_io import CONFIG_FILE, MANIFEST_FILE, RUN_ADAPTER_DIR, find_adapter, load_adapter
 from .data import ALPACA_PROMPT, DataConfig, Renderer
 from .errors import QLoRAKitError
 from .loading import ModelConfig, load_base
@@ -32,30 +32,15 @@ from .recipe import RunConfig, load_recipe
 log = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "config.yaml"
-ADAPTER_SUBDIR = "adapter"
 
 
 # ---------------------------------------------------------------- finding what to load
 
 
-def find_adapter(path: str | Path) -> Path:
-    """The adapter folder itself, or `<run>/adapter` for a training run folder."""
-    path = Path(path).expanduser()
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (path / ADAPTER_SUBDIR / CONFIG_FILE).is_file():
-        return path / ADAPTER_SUBDIR
-    if not path.exists():
-        raise QLoRAKitError(f"adapter or run folder not found: {path}")
-    raise QLoRAKitError(
-        f"{path} is neither an adapter folder ({CONFIG_FILE}) nor a run folder with {ADAPTER_SUBDIR}/{CONFIG_FILE}"
-    )
-
-
 def run_config_of(adapter_dir: Path) -> RunConfig | None:
     """The run config of the training run an adapter folder belongs to, if it sits in one."""
     path = adapter_dir.parent / RUN_CONFIG_FILE
-    return load_recipe(path) if adapter_dir.name == ADAPTER_SUBDIR and path.is_file() else None
+    return load_recipe(path) if adapter_dir.name == RUN_ADAPTER_DIR and path.is_file() else None
 
 
 def _manifest(adapter_dir: Path) -> dict:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory, quantization
-from .adapter_io import save_adapter, versions
+from .adapter_io import RUN_ADAPTER_DIR, save_adapter, versions
 from .config import save_config, to_dict
 from .data import PreparedData, batch_indices, collate, prepare_data
 from .errors import QLoRAKitError
@@ -361,7 +361,7 @@ def _samples_before(out: Path, model, tokenizer, data, cfg, fresh: bool) -> list
 
 
 def _finish(run, out, model, tokenizer, data, state, metrics, before, accelerator) -> dict:
-    save_adapter(model, out / "adapter", extra={"step": state.step})
+    save_adapter(model, out / RUN_ADAPTER_DIR, extra={"step": state.step})
     after = generate_samples(model, tokenizer, data, run.train)
     write_samples(out / "samples.md", data.eval_prompts[: len(after)], before, after, data.eval_references)
     records = metrics.records()
@@ -387,7 +387,7 @@ def _finish(run, out, model, tokenizer, data, state, metrics, before, accelerato
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_run_readme(out, run, summary)
     log.info("done: eval loss %s -> %s; adapter in %s", summary["first_eval_loss"], summary["final_eval_loss"],
-             out / "adapter")
+             out / RUN_ADAPTER_DIR)
     return summary
 
 

@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 
 from qlora_kit.data import ALPACA_PROMPT, DataConfig
 from qlora_kit.errors import QLoRAKitError
-from qlora_kit.generation import find_adapter, prompt_format
+from qlora_kit.adapter_io import find_adapter
+from qlora_kit.generation import prompt_format
 
 USER = [{"role": "user", "content": "What is a bygglov?"}]
 
