@@ -136,8 +136,8 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
     before = _samples_before(out, model, tokenizer, data, cfg, fresh=resume_from is None) if main else []
     if resume_from is None:
         metrics.write({"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], **eval_fn()})
-    if accelerator.trackers:
-        accelerator.init_trackers("qlora_kit", config=_flat(to_dict(run)))
+    if cfg.report_to != "none":
+        accelerator.init_trackers("tensorboard", config=_flat(to_dict(run)))
 
     loss_fn.train()  # load_base returns an eval-mode model; dropout and checkpointing need train mode
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",

@@ -683,3 +683,21 @@ def test_two_step_bf16_train_on_cuda(tiny_llama_dir, faq16, tmp_path):
     assert (out / "adapter/adapter_model.safetensors").is_file()
     opt_state = torch.load(out / "checkpoints/step-000001/optimizer.pt", weights_only=True)
     assert opt_state["state"]  # paged 8-bit AdamW state was written
+
+
+def test_tensorboard_logging_writes_events_with_the_losses(tiny_llama_dir, faq16, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(recipe(tiny_llama_dir, faq16, out, "train.max_steps=3", "data.eval_fraction=0.25",
+                 "train.report_to=tensorboard"))
+    folders = {p.parent for p in out.rglob("events.out.tfevents.*")}
+    assert folders, "no TensorBoard event file in the run folder"
+    accumulators = [EventAccumulator(str(folder)) for folder in folders]
+    for accumulator in accumulators:
+        accumulator.Reload()
+    # Accelerate writes the scalars in one folder and the run's config (hparams) in another.
+    scalars = [a for a in accumulators if "loss" in a.Tags()["scalars"]]
+    assert len(scalars) == 1
+    logged = [e.value for e in scalars[0].Scalars("loss")]
+    assert logged == pytest.approx([r["loss"] for r in metrics(out) if r.get("loss") is not None], rel=1e-6)
