@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -44,27 +45,35 @@ class Checkpoint:
         plus whatever the caller keeps.
         """
         for shard in self.shards:
-            try:
-                with safe_open(str(shard), framework="pt", device="cpu") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name)
-            except SafetensorError as exc:
-                raise QLoRAKitError(
-                    f"shard {shard} is corrupt or truncated ({exc}); download or copy it again"
-                ) from exc
+            with _open_shard(shard) as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
 
     def tensor_names(self) -> dict[str, Path]:
         """Every tensor name mapped to the shard that holds it (reads headers only)."""
         names = {}
         for shard in self.shards:
-            try:
-                with safe_open(str(shard), framework="pt", device="cpu") as f:
-                    names.update({name: shard for name in f.keys()})
-            except SafetensorError as exc:
-                raise QLoRAKitError(
-                    f"shard {shard} is corrupt or truncated ({exc}); download or copy it again"
-                ) from exc
+            with _open_shard(shard) as f:
+                names.update({name: shard for name in f.keys()})
         return names
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the shard headers (no tensor data is read)."""
+        shapes = {}
+        for shard in self.shards:
+            with _open_shard(shard) as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        return shapes
+
+
+@contextmanager
+def _open_shard(shard: Path):
+    """safe_open, with a corrupt or truncated file reported as the user's problem to fix."""
+    try:
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as exc:
+        raise QLoRAKitError(f"shard {shard} is corrupt or truncated ({exc}); download or copy it again") from exc
 
 
 def resolve(source: str | os.PathLike, *, revision: str | None = None) -> Checkpoint:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import memory, quantization
@@ -189,7 +188,7 @@ def plan_merge(adapter_dir: Path, *, base: str | None, mode: str, force: bool) -
     checkpoint = resolve(_base_source(base, manifest, peft_config, adapter_dir))
     _check_fingerprint(checkpoint, manifest, adapter_dir, force)
     adapters = _pair_weights(weights, adapter_dir)
-    shapes = _tensor_shapes(checkpoint)
+    shapes = checkpoint.tensor_shapes()
     _check_shapes(adapters, shapes, adapter_dir, checkpoint)
     quant = (manifest or {}).get("quantization") or {}
     if mode == "nf4" and not quant:
@@ -245,16 +244,6 @@ def _pair_weights(weights: dict[str, torch.Tensor], adapter_dir: Path) -> dict[s
             raise QLoRAKitError(f"adapter {adapter_dir} has only one of lora_A/lora_B for {module}; it is incomplete")
         pairs[module] = (a, b)
     return pairs
-
-
-def _tensor_shapes(checkpoint: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape, from the shard headers (no tensor data is read)."""
-    shapes = {}
-    for shard in checkpoint.shards:
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
 
 
 def _check_shapes(adapters, shapes, adapter_dir: Path, checkpoint: Checkpoint) -> None:

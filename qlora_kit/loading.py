@@ -9,7 +9,6 @@ never the whole 16-bit checkpoint.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import re
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from . import memory, quantization
 from .checkpoint import Checkpoint, resolve
 from .errors import QLoRAKitError
+from .lora import matches
 from .quantization import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -111,14 +111,9 @@ def build_skeleton(config, quant: QuantConfig, cfg: ModelConfig = ModelConfig())
         except ValueError as exc:
             raise QLoRAKitError(f"cannot build a causal LM for model_type '{config.model_type}': {exc}") from exc
     for name, module in list(net.named_modules()):
-        if isinstance(module, nn.Linear) and not _skipped(name, quant.skip_modules):
+        if isinstance(module, nn.Linear) and not any(matches(name, p) for p in quant.skip_modules):
             _set_submodule(net, name, quantization.empty_linear4bit(module, quant))
     return net
-
-
-def _skipped(name: str, patterns: list[str]) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return any(leaf == p or name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

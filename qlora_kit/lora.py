@@ -114,17 +114,18 @@ def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     candidates = linear_names(model)
     if ALL_LINEAR in patterns:
         return candidates
-    unmatched = [p for p in patterns if not any(_matches(n, p) for n in candidates)]
+    unmatched = [p for p in patterns if not any(matches(n, p) for n in candidates)]
     if unmatched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise QLoRAKitError(
             f"lora.target_modules {unmatched} match no linear layer of this model. "
             f"Linear layers here: {', '.join(leaves)} (or use '{ALL_LINEAR}')"
         )
-    return [n for n in candidates if any(_matches(n, p) for p in patterns)]
+    return [n for n in candidates if any(matches(n, p) for p in patterns)]
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
+    """A module pattern: its leaf name ('q_proj'), its full name, or a glob over full names."""
     return name.rsplit(".", 1)[-1] == pattern or name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 

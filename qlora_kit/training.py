@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import memory, quantization
 from .adapter_io import RUN_ADAPTER_DIR, save_adapter, versions
 from .config import save_config, to_dict
-from .data import PreparedData, batch_indices, collate, prepare_data
+from .data import PreparedData, batch_indices, collate, count_supervised_tokens, prepare_data
 from .errors import QLoRAKitError
 from .loading import load_base
 from .lora import apply_lora, parameter_counts, set_adapters_enabled, trainable_parameters
@@ -288,7 +288,7 @@ def _accumulate(loss_fn, group, pad_id, mask_dtype, accelerator) -> tuple[float,
     with every token weighted equally, not a mean of micro-batch means.
     """
     batches = [collate(examples, pad_id, mask_dtype) for examples in group]
-    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    local_tokens = sum(count_supervised_tokens(b) for b in batches)
     total_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
     scale = accelerator.num_processes / max(total_tokens, 1)  # DDP averages gradients over processes
     loss_total = 0.0
