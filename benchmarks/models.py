@@ -51,7 +51,7 @@ def llama_config(name: str):
 def model_folder(name: str, scratch: Path) -> Path:
     """A local HF folder (config, safetensors, tokenizer) for `name`, written under `scratch` if random."""
     from qlora_kit.packaged import smollm2_path
-    from qlora_kit.synthetic import write_random_checkpoint
+    from benchmarks.synthetic import write_random_checkpoint
 
     if name == "smollm2-135m":
         return smollm2_path()

@@ -84,7 +84,10 @@ def qlora_kit_setup(spec, device):
     from qlora_kit import LoRAConfig, ModelConfig, QuantConfig, apply_lora, load_base
     from qlora_kit.losses import SupervisedLoss
     from qlora_kit.lora import lora_state_dict, trainable_parameters
-    from qlora_kit.training import TrainConfig, enable_checkpointing, make_accelerator, make_optimizer, set_seed
+    from accelerate.utils import set_seed
+
+    from qlora_kit.settings import TrainConfig
+    from qlora_kit.training import enable_checkpointing, make_accelerator, make_optimizer
 
     cfg = TrainConfig(mixed_precision="bf16", learning_rate=spec["lr"], optimizer="auto",
                       gradient_checkpointing=True, output_dir=spec["scratch"])
@@ -92,8 +95,8 @@ def qlora_kit_setup(spec, device):
     _sync(device)
     rss_before = round(vmrss_mb(), 1)  # imports and runtime, before any weight is read
     start = time.perf_counter()
-    model, tokenizer = load_base(ModelConfig(base=spec["model_dir"], device=str(accelerator.device),
-                                             attn_implementation="sdpa"), QuantConfig())
+    model, tokenizer, base = load_base(ModelConfig(base=spec["model_dir"], device=str(accelerator.device),
+                                                attn_implementation="sdpa"), QuantConfig())
     _sync(device)
     load = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": round(vmhwm_mb(), 1),
             "rss_before_mb": rss_before, "rss_after_mb": round(vmrss_mb(), 1), "cuda_peak_mb": _cuda_peak_mb(device)}
@@ -124,7 +127,7 @@ def qlora_kit_setup(spec, device):
     def save(folder):
         from qlora_kit import save_adapter
 
-        save_adapter(model, folder)
+        save_adapter(model, folder, base=base)
 
     info = {"optimizer": type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__,
             "lora_dtype": str(next(p for p in trainable_parameters(model)).dtype),
@@ -288,10 +291,10 @@ def task_merge(spec) -> dict:
         rss_before = vmrss_mb()
         start = time.perf_counter()
         result = merge(spec["adapter_dir"], spec["out_dir"], base=spec["model_dir"], mode=spec.get("mode", "nf4"),
-                       dtype="bf16", verify_batches=spec.get("verify_batches", 0), progress=False)
+                       dtype="bfloat16", verify=spec.get("verify_batches", 0), progress=False)
         seconds = time.perf_counter() - start
         what = (f"qlora_kit.export.merge(mode='{spec.get('mode', 'nf4')}', dtype='bf16', "
-                f"verify_batches={spec.get('verify_batches', 0)}): streams the bf16 shards, "
+                f"verify={spec.get('verify_batches', 0)}): streams the bf16 shards, "
                 "re-quantizes/dequantizes 4-bit layers (nf4 mode), adds scaling*B@A, writes shards")
         written = result.bytes
     else:

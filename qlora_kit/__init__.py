@@ -2,28 +2,43 @@
 
     from qlora_kit import load_base, apply_lora, LoRAConfig, save_adapter, load_adapter
 
-    model, tokenizer = load_base("smollm2-135m-instruct")      # NF4 + double quant, streamed
-    apply_lora(model, LoRAConfig(rank=16, alpha=32))             # our LoRALinear on every linear
-    save_adapter(model, "out/adapter")                           # PEFT format + qlora_kit.json
-    load_adapter(load_base("smollm2-135m-instruct")[0], "out/adapter")
+    model, tokenizer, base = load_base("smollm2-135m-instruct")    # NF4 + double quant, streamed
+    apply_lora(model, LoRAConfig(rank=16, alpha=32))               # our LoRALinear on every linear
+    save_adapter(model, "out/adapter", base=base)                  # PEFT format + qlora_kit.json
+    fresh, _, base = load_base("smollm2-135m-instruct")
+    load_adapter(fresh, "out/adapter", base=base)                  # checks it is the same base
+
+The names below are imported on first use, so `import qlora_kit` (and the
+command line's `--help`) does not pay for torch and transformers.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .adapter_io import load_adapter, save_adapter  # noqa: E402
-from .errors import QLoRAKitError  # noqa: E402
-from .loading import ModelConfig, load_base  # noqa: E402
-from .lora import LoRAConfig, LoRALinear, apply_lora  # noqa: E402
-from .quantization import QuantConfig  # noqa: E402
+# public name -> the module that owns it
+_EXPORTS = {
+    "load_adapter": "adapter_io",
+    "save_adapter": "adapter_io",
+    "QLoRAKitError": "errors",
+    "load_base": "loading",
+    "LoRALinear": "lora",
+    "apply_lora": "lora",
+    "LoRAConfig": "settings",
+    "ModelConfig": "settings",
+    "QuantConfig": "settings",
+    "DataConfig": "settings",
+    "TrainConfig": "settings",
+    "RunConfig": "settings",
+    "load_recipe": "settings",
+}
 
-__all__ = [
-    "LoRAConfig",
-    "LoRALinear",
-    "ModelConfig",
-    "QLoRAKitError",
-    "QuantConfig",
-    "apply_lora",
-    "load_adapter",
-    "load_base",
-    "save_adapter",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'qlora_kit' has no attribute {name!r}")

@@ -4,6 +4,10 @@ An adapter folder holds:
   adapter_config.json         PEFT's LoraConfig (vLLM, TGI and PEFT read it)
   adapter_model.safetensors   keys `base_model.model.<module>.lora_{A,B}.weight`
   qlora_kit.json              our manifest: quantization of the base, base fingerprint, versions
+
+`AdapterRecord` reads a folder once (PEFT config, manifest, and the run config
+when the adapter sits in a training run folder) and owns the rules that depend
+on it: which base the adapter was trained on, and the one fingerprint check.
 """
 
 from __future__ import annotations
@@ -12,9 +16,8 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,9 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, quantization
+from . import __version__, atomic, quantization
 from .errors import QLoRAKitError
-from .lora import LoRAConfig, apply_lora, lora_layers, lora_state_dict
+from .loading import BaseInfo
+from .packaged import cache_dir
+from .lora import adapter_config, apply_lora, lora_layers, lora_state_dict
+from .settings import LoRAConfig, ModelConfig, QuantConfig, RunConfig, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +42,27 @@ MANIFEST_FILE = "qlora_kit.json"
 PEFT_PREFIX = "base_model.model."
 MANIFEST_VERSION = 1
 RUN_ADAPTER_DIR = "adapter"  # where a training run folder keeps its final adapter
+RUN_CONFIG_FILE = "config.yaml"  # a training run folder's resolved config
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+def save_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo | None = None,
+                 extra: dict | None = None) -> Path:
     """Write the model's adapters as a PEFT-format folder, atomically.
 
-    The folder is assembled beside its target and renamed into place, so a crash
-    never leaves a half-written adapter where a good one was. `extra` is merged
-    into the manifest (e.g. the training step).
+    `base` is the `BaseInfo` that `load_base` returned: the manifest records it, so
+    the adapter is later loaded on (and checked against) the same base. The folder
+    is assembled beside its target and renamed into place, so a crash never
+    leaves a half-written adapter where a good one was. `extra` is merged into
+    the manifest (e.g. the training step).
     """
-    layers = dict(lora_layers(model))
-    if not layers:
-        raise QLoRAKitError("the model has no LoRA adapters to save; call apply_lora first")
-    cfg: LoRAConfig = model.qlora_kit_lora
+    cfg = adapter_config(model)
+    names = [name for name, _ in lora_layers(model)]
     target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic.staged_folder(target, overwrite=True) as tmp:
         tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        _write_json(tmp / CONFIG_FILE, peft_config(model, cfg, list(layers)))
-        _write_json(tmp / MANIFEST_FILE, manifest(model, cfg, list(layers), extra))
-        replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.write_json(tmp / CONFIG_FILE, peft_config(model, cfg, names, base))
+        atomic.write_json(tmp / MANIFEST_FILE, manifest(model, cfg, names, base, extra))
     return target
 
 
@@ -77,34 +80,12 @@ def find_adapter(path: str | os.PathLike) -> Path:
     )
 
 
-def replace_dir(new: Path, target: Path) -> None:
-    """Put folder `new` at `target`, replacing any old one with at most a rename's gap.
-
-    The old folder is moved aside first and deleted only after the new one is in
-    place; if the process dies between the two renames, the old one survives
-    beside the target as `.<name>.old-*`.
-    """
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rmdir(old)
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def peft_config(model: nn.Module, cfg: LoRAConfig, names: list[str]) -> dict:
+def peft_config(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseInfo | None) -> dict:
     """PEFT's `adapter_config.json` for exactly the wrapped layers."""
-    base = getattr(model, "qlora_kit_base", None)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base.source if base else None,
+        "base_model_name_or_path": loadable_base_name(base) if base else None,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
@@ -137,8 +118,21 @@ def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     return "^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
 
 
-def manifest(model: nn.Module, cfg: LoRAConfig, names: list[str], extra: dict | None) -> dict:
-    base = getattr(model, "qlora_kit_base", None)
+def loadable_base_name(base: BaseInfo) -> str:
+    """What PEFT, vLLM and transformers can load the base from: a local folder or a Hub id.
+
+    A GGUF file or the packaged model's name means nothing to them; the folder it
+    was converted into does.
+    """
+    source = Path(base.source).expanduser()
+    converted = Path(base.folder).resolve().is_relative_to(cache_dir().resolve())
+    if source.exists() or converted:
+        return str(source.resolve() if source.is_dir() else Path(base.folder).resolve())
+    return base.source  # a Hub id
+
+
+def manifest(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseInfo | None,
+             extra: dict | None) -> dict:
     data = {
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -154,7 +148,7 @@ def manifest(model: nn.Module, cfg: LoRAConfig, names: list[str], extra: dict | 
             "alpha": cfg.alpha,
             "dropout": cfg.dropout,
             "use_rslora": cfg.use_rslora,
-            "dtype": str(next(iter(dict(lora_layers(model)).values())).lora_A.weight.dtype).removeprefix("torch."),
+            "dtype": str(next(lora_layers(model))[1].lora_A.weight.dtype).removeprefix("torch."),
             "modules": names,
         },
         "versions": versions(),
@@ -172,26 +166,109 @@ def versions() -> dict:
     }
 
 
-def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict | None]:
-    """(PEFT config, weights keyed by module name, our manifest or None) of an adapter folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise QLoRAKitError(f"adapter folder not found: {folder}")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            hint = " (pickled adapter_model.bin files are not loaded; resave with safetensors)" if (
-                name == WEIGHTS_FILE and (folder / "adapter_model.bin").exists()) else ""
-            raise QLoRAKitError(f"{folder} is not an adapter folder: {name} is missing{hint}")
+@dataclass
+class AdapterRecord:
+    """An adapter folder read once: PEFT's config, our manifest, and its run's config if it has one.
+
+    Weights are read on demand (`weights()`): finding the base or checking it needs
+    only the small JSON files.
+    """
+
+    folder: Path
+    peft: dict  # adapter_config.json
+    manifest: dict  # qlora_kit.json; empty for adapters made by PEFT itself
+    run: RunConfig | None  # config.yaml of the training run the adapter belongs to
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "AdapterRecord":
+        """Read an adapter folder, or the `adapter/` of a training run folder."""
+        folder = find_adapter(path)
+        if not (folder / WEIGHTS_FILE).is_file():
+            hint = (" (pickled adapter_model.bin files are not loaded; resave with safetensors)"
+                    if (folder / "adapter_model.bin").exists() else "")
+            raise QLoRAKitError(f"{folder} is not an adapter folder: {WEIGHTS_FILE} is missing{hint}")
+        peft = _read_json(folder / CONFIG_FILE)
+        manifest_data = _read_json(folder / MANIFEST_FILE) if (folder / MANIFEST_FILE).is_file() else {}
+        run_config = folder.parent / RUN_CONFIG_FILE
+        run = load_recipe(run_config) if folder.name == RUN_ADAPTER_DIR and run_config.is_file() else None
+        return cls(folder, peft, manifest_data, run)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights keyed `<module>.lora_A.weight` / `<module>.lora_B.weight`."""
+        try:
+            raw = load_file(self.folder / WEIGHTS_FILE)
+        except SafetensorError as exc:
+            raise QLoRAKitError(f"{self.folder / WEIGHTS_FILE} is corrupt ({exc})") from exc
+        return _module_keys(raw, self.folder)
+
+    def lora_config(self) -> LoRAConfig:
+        """The adapter's shape from PEFT's config; the weights' dtype from our manifest."""
+        cfg = lora_config_from_peft(self.peft, self.folder)
+        return replace(cfg, dtype=(self.manifest.get("lora") or {}).get("dtype", cfg.dtype))
+
+    def quant_config(self) -> QuantConfig:
+        """How the base was quantized in training: the run's settings, else the manifest's record."""
+        if self.run is not None:
+            return self.run.quant
+        return quantization.quant_config_from_record(self.manifest.get("quantization"))
+
+    def base_model(self, base: str | None = None) -> ModelConfig:
+        """The base to load the adapter on: `base` if given, else the one it was trained on.
+
+        The run's model section keeps its loading settings (attention kernel,
+        remote code); the manifest's resolved folder is preferred while it still
+        exists, so a run trained from a relative path or a Hub id loads offline.
+        """
+        recorded = self.manifest.get("base") or {}
+        folder = recorded.get("folder")
+        trained_on = folder if folder and Path(folder).is_dir() else None
+        if self.run is not None:
+            trained_on = trained_on or self.run.model.base
+        trained_on = trained_on or recorded.get("source") or self.peft.get("base_model_name_or_path")
+        if not (base or trained_on):
+            raise QLoRAKitError(f"adapter {self.folder} does not say which base it was trained on; pass --base")
+        model = self.run.model if self.run is not None else ModelConfig()
+        return replace(model, base=base or trained_on, revision=None if base else model.revision)
+
+    def check_base(self, fingerprint: str, source: str, *, force: bool = False) -> None:
+        """Refuse (or, with `force`, warn about) a base other than the one the adapter was trained on."""
+        trained_on = (self.manifest.get("base") or {}).get("fingerprint")
+        if not trained_on:
+            log.warning("adapter %s records no base fingerprint; cannot check it was trained on %s",
+                        self.folder, source)
+            return
+        if trained_on == fingerprint:
+            return
+        message = (
+            f"adapter {self.folder} was trained on base '{self.manifest['base'].get('source')}' "
+            f"(fingerprint {trained_on[:32]}...) but the base '{source}' differs ({fingerprint[:32]}...). "
+            "Use the base it was trained on"
+        )
+        if not force:
+            raise QLoRAKitError(message + ", or pass --force (strict_base=False) to use this one anyway")
+        warnings.warn(message + "; using it anyway (--force)", stacklevel=3)
+
+    def check_quantization(self, record: dict) -> None:
+        """Warn when the loaded base is quantized differently from the one training used."""
+        trained = self.manifest.get("quantization") or {}
+        # Compare only what both sides record: older manifests lack newer keys.
+        diff = {k: (v, record[k]) for k, v in trained.items() if k in record and v != record[k]}
+        if diff:
+            warnings.warn(
+                f"adapter {self.folder} was trained on a base quantized differently (trained, now): {diff}; "
+                "outputs will differ from training",
+                stacklevel=3,
+            )
+
+
+def _read_json(path: Path) -> dict:
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except ValueError as exc:
-        raise QLoRAKitError(f"{folder / CONFIG_FILE} is not valid JSON ({exc})") from exc
-    try:
-        raw = load_file(folder / WEIGHTS_FILE)
-    except SafetensorError as exc:
-        raise QLoRAKitError(f"{folder / WEIGHTS_FILE} is corrupt ({exc})") from exc
-    manifest_path = folder / MANIFEST_FILE
-    return config, _module_keys(raw, folder), json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise QLoRAKitError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from exc
+    if not isinstance(data, dict):
+        raise QLoRAKitError(f"{path} should hold a JSON object; the adapter folder is damaged")
+    return data
 
 
 def _module_keys(raw: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
@@ -222,26 +299,26 @@ def lora_config_from_peft(config: dict, folder: Path) -> LoRAConfig:
         problems.append(f"modules_to_save={config['modules_to_save']} is not supported")
     if problems:
         raise QLoRAKitError(f"cannot load adapter {folder}: " + "; ".join(problems))
-    return LoRAConfig(
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        use_rslora=bool(config.get("use_rslora", False)),
-    )
+    try:
+        return LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                          dropout=float(config.get("lora_dropout", 0.0)),
+                          use_rslora=bool(config.get("use_rslora", False)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QLoRAKitError(f"{folder / CONFIG_FILE} lacks a valid r / lora_alpha ({exc})") from exc
 
 
 def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     """Copy an adapter's weights into a model that already has exactly those LoRA layers."""
-    folder = Path(folder)
-    _, weights, _ = read_adapter(folder)
+    record = AdapterRecord.read(folder)
+    weights = record.weights()
     layers = dict(lora_layers(model))
     expected = {f"{name}.{part}.weight" for name in layers for part in ("lora_A", "lora_B")}
     if set(weights) != expected:
         raise QLoRAKitError(
-            f"adapter {folder} does not match the model's LoRA layers "
+            f"adapter {record.folder} does not match the model's LoRA layers "
             f"({len(weights)} tensors saved, {len(expected)} expected); was the config changed?"
         )
-    _copy_weights(layers, weights, folder)
+    _copy_weights(layers, weights, record.folder)
 
 
 def _copy_weights(layers: dict, weights: dict[str, torch.Tensor], folder: Path) -> None:
@@ -257,32 +334,32 @@ def _copy_weights(layers: dict, weights: dict[str, torch.Tensor], folder: Path) 
             param.copy_(value)
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike, *, strict_base: bool = True,
-                 dtype: torch.dtype | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo | None = None,
+                 strict_base: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """Wrap `model`'s layers as the adapter in `folder` describes and load its weights.
 
-    Works for adapters saved by qlora_kit or by PEFT. When our manifest is present,
-    the base's fingerprint and quantization are compared with the loaded base: a
-    different base raises (or only warns with `strict_base=False`), a different
-    quantization warns.
+    Works for adapters saved by qlora_kit or by PEFT. Given `base` (the `BaseInfo`
+    that `load_base` returned), the base's fingerprint and quantization are
+    compared with those the adapter was trained on: a different base raises (or
+    only warns with `strict_base=False`), a different quantization warns.
     """
-    folder = Path(folder)
-    config, weights, manifest_data = read_adapter(folder)
-    cfg = lora_config_from_peft(config, folder)
-    if manifest_data is not None:
-        check_base(model, manifest_data, folder, strict_base)
-        cfg.dtype = manifest_data.get("lora", {}).get("dtype", cfg.dtype)
+    record = AdapterRecord.read(folder)
+    if base is not None:
+        record.check_base(base.fingerprint, base.source, force=not strict_base)
+        record.check_quantization(base.quant)
+    cfg = record.lora_config()
     if dtype is not None:
         cfg.dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    weights = record.weights()
     names = sorted({k.rsplit(".", 2)[0] for k in weights})
     missing = [n for n in names if _get(model, n) is None]
     if missing:
         raise QLoRAKitError(
-            f"adapter {folder} targets layer(s) this model lacks, e.g. {', '.join(missing[:3])}: "
+            f"adapter {record.folder} targets layer(s) this model lacks, e.g. {', '.join(missing[:3])}: "
             "it was trained on a different architecture"
         )
     apply_lora(model, cfg, targets=names)
-    _copy_weights(dict(lora_layers(model)), weights, folder)
+    _copy_weights(dict(lora_layers(model)), weights, record.folder)
     return model
 
 
@@ -291,29 +368,3 @@ def _get(model: nn.Module, name: str) -> nn.Module | None:
         return model.get_submodule(name)
     except AttributeError:
         return None
-
-
-def check_base(model: nn.Module, manifest_data: dict, folder: Path, strict: bool) -> None:
-    """Compare the base an adapter was trained on with the loaded one."""
-    base = getattr(model, "qlora_kit_base", None)
-    if base is None:
-        return
-    trained_on = manifest_data.get("base", {}).get("fingerprint")
-    if trained_on and trained_on != base.fingerprint:
-        message = (
-            f"adapter {folder} was trained on base '{manifest_data['base'].get('source')}' "
-            f"(fingerprint {trained_on[:30]}...) but the loaded base '{base.source}' differs "
-            f"({base.fingerprint[:30]}...). Load the base it was trained on"
-        )
-        if strict:
-            raise QLoRAKitError(message + ", or pass strict_base=False / --force to use it anyway")
-        warnings.warn(message, stacklevel=3)
-    trained_quant = manifest_data.get("quantization") or {}
-    # Compare only what both sides record: older manifests lack newer keys.
-    diff = {k: (v, base.quant[k]) for k, v in trained_quant.items() if k in base.quant and v != base.quant[k]}
-    if diff:
-        warnings.warn(
-            f"adapter {folder} was trained on a base quantized differently (trained, now): {diff}; "
-            "outputs will differ from training",
-            stacklevel=3,
-        )

@@ -1,10 +1,10 @@
-"""Writing Hugging Face checkpoint folders: streamed safetensors shards, index, config and side files, put in place atomically.
+"""Writing Hugging Face checkpoint folders: streamed safetensors shards, index, config and side files.
 
 Exports (merge, dequantize) produce tensors one at a time; `ShardWriter` holds at
 most one output shard before writing it, so host RAM stays near one output shard
-plus whatever the producer holds. `staged_folder` builds the folder beside its
-target (`.NAME.tmp-*`) and renames it into place only when everything succeeded:
-a crash or kill leaves either no target or the previous one untouched.
+plus whatever the producer holds. They write into a folder that
+`atomic.staged_folder` renames into place only when everything succeeded: a crash
+or kill leaves either no target or the previous one untouched.
 """
 
 from __future__ import annotations
@@ -14,26 +14,18 @@ import logging
 import os
 import re
 import shutil
-import socket
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 
 from . import memory
-from .adapter_io import replace_dir
 from .checkpoint import INDEX_FILE, SINGLE_FILE
 from .errors import QLoRAKitError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-# Marks a staging folder with the process that owns it, so a later export can tell
-# a folder left by a killed process (safe to delete) from one still being written.
-OWNER_FILE = ".qlora_kit_owner"
 # Files in a base folder that hold weights (or weight indexes) and are never copied to an export.
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf",
                    "*.safetensors.index.json", "*.bin.index.json", "config.json",
@@ -134,56 +126,3 @@ def copy_side_files(source_folder: Path, target_folder: Path) -> list[str]:
         copied.append(path.name)
     return copied
 
-
-@contextmanager
-def staged_folder(target: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty staging folder beside `target`; on success put it at `target`, else delete it.
-
-    Refuses an existing `target` unless `overwrite`. Staging folders left by killed
-    exports of the same target are deleted first (they can be as large as a model).
-    """
-    target = Path(target).expanduser().absolute()
-    check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-    try:
-        yield tmp
-        (tmp / OWNER_FILE).unlink()
-        check_target(target, overwrite)  # something may have appeared there meanwhile
-        replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise QLoRAKitError(f"{target} exists and is not a folder; choose another output folder")
-    if target.exists() and not overwrite:
-        raise QLoRAKitError(f"{target} already exists; choose another output folder or pass --overwrite")
-
-
-def remove_stale_staging(target: Path) -> None:
-    """Delete `.NAME.tmp-*` folders whose owning process on this host is gone."""
-    for folder in target.parent.glob(f".{target.name}.tmp-*"):
-        owner = folder / OWNER_FILE
-        if not owner.is_file():
-            continue  # not ours (or already being finalised): leave it alone
-        try:
-            host, pid = owner.read_text().split()
-        except (OSError, ValueError):
-            continue
-        if host == socket.gethostname() and not _alive(int(pid)):
-            log.info("removing %s, left by an interrupted export", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,28 +1,40 @@
-"""The `qlora-kit` command line: a thin layer that parses arguments and calls the library.
+"""The `qlora-kit` command line: a thin layer that turns arguments into settings and calls the library.
 
     qlora-kit train CONFIG [section.key=value ...] [--resume]     fine-tune an adapter
-    qlora-kit generate [RUN|ADAPTER] [--base X] --prompt "..."    one reply
+    qlora-kit generate [RUN|ADAPTER] [--base X] --prompt "..."    one reply, streamed
     qlora-kit chat [RUN|ADAPTER] [--base X]                       interactive, reads stdin
-    qlora-kit eval [RUN|ADAPTER] [--base X] --data FILE           loss and perplexity
-    qlora-kit config [SECTION]                                    every config key, documented
-    qlora-kit merge RUN OUT / qlora-kit dequantize SRC OUT        exports (see export_cli)
+    qlora-kit eval [RUN|ADAPTER] [--base X] [--data FILE]         loss and perplexity
+    qlora-kit merge RUN OUT / qlora-kit dequantize SRC OUT        exports
+    qlora-kit config [SECTION|COMMAND]                            every setting, documented
 
-`accelerate launch -m qlora_kit.cli train CONFIG ...` runs the same entry point on
-several processes. Errors a user can fix (`QLoRAKitError`) print as `error: ...`
-and exit with status 2, without a traceback; bugs still raise.
+Every command but `train` is declared as a dataclass in `qlora_kit.settings`; its
+flags, `--help` text, defaults and checks are derived from that declaration, so
+each option is written once. `train` reads a recipe (a `RunConfig` YAML) plus
+`section.key=value` overrides. `accelerate launch -m qlora_kit.cli train ...` runs
+the same entry point on several processes. Errors a user can fix
+(`QLoRAKitError`) print as `error: ...` and exit with status 2, without a
+traceback; bugs still raise. Heavy libraries are imported only inside the
+commands, so `--help` and `--version` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import sys
+import types
+import typing
 import warnings
 from pathlib import Path
 
+from . import __version__
+from .config import describe, field_docs, from_dict
 from .errors import QLoRAKitError
+from .settings import (ChatOptions, DequantizeOptions, EvalOptions, GenerateOptions, MergeOptions, RunConfig,
+                       load_recipe)
 
 log = logging.getLogger("qlora_kit.cli")
 
@@ -34,11 +46,11 @@ EXIT_INTERRUPTED = 130
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
     from .training import train
 
     if args.help_config:
-        return _print_config(None)
+        print(describe(RunConfig))
+        return 0
     if args.config is None:
         raise QLoRAKitError("train needs a recipe: qlora-kit train CONFIG.yaml [section.key=value ...]")
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
@@ -50,24 +62,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    loaded = _load(args)
-    print(loaded.generate(args.prompt, system=args.system).strip())
+def cmd_generate(opts: GenerateOptions) -> int:
+    loaded = _load(opts, use_template=not opts.no_chat_template)
+    loaded.generate(opts.prompt, system=opts.system, stream=lambda piece: print(piece, end="", flush=True))
+    print(flush=True)
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def cmd_chat(opts: ChatOptions) -> int:
     from .generation import ChatSession
 
-    session = ChatSession(_load(args), system=args.system)
+    session = ChatSession(_load(opts), system=opts.system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("chat: /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
+        import readline  # noqa: F401  (line editing and history for input())
+        print("chat: /reset clears the history, /exit (or Ctrl-D) quits; Ctrl-C stops a reply", file=sys.stderr)
     while True:
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:  # end of input
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and not line:  # end of piped input
             break
         text = line.strip()
         if not text:
@@ -78,129 +93,218 @@ def cmd_chat(args: argparse.Namespace) -> int:
             session.reset()
             print("(history cleared)", file=sys.stderr)
             continue
-        session.send(text, stream=lambda piece: print(piece, end="", flush=True))
+        try:
+            session.send(text, stream=lambda piece: print(piece, end="", flush=True))
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            print("\n(stopped; the turn was dropped from the history)", file=sys.stderr)
+            continue
         print(flush=True)
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import DataConfig
+def cmd_eval(opts: EvalOptions) -> int:
     from .evaluation import evaluate_dataset
+    from .settings import DataConfig
 
-    loaded = _load(args)
+    loaded = _load(opts)
     run = loaded.run
-    if args.data is None and run is None:
+    if opts.data is None and run is None:
         raise QLoRAKitError("eval needs --data FILE (or a run folder, whose held-out split is then evaluated)")
     # A run's data section says how rows were rendered in training; flags override it.
     data = run.data if run is not None else DataConfig()
-    if args.data is not None:
-        data = dataclasses.replace(data, path=args.data, split=args.split or data.split, max_samples=None)
-    changes = {"format": args.format, "max_seq_len": args.max_seq_len, "max_samples": args.max_samples,
-               "split": args.split}
+    if opts.data is not None:
+        data = dataclasses.replace(data, path=opts.data, split=opts.split or data.split, max_samples=None)
+    changes = {"format": opts.format, "max_seq_len": opts.max_seq_len, "split": opts.split}
     data = dataclasses.replace(data, **{k: v for k, v in changes.items() if v is not None})
-    held_out_seed = run.train.seed if args.data is None else None
-    result = evaluate_dataset(loaded.model, loaded.tokenizer, data, batch_size=args.batch_size,
-                              held_out_seed=held_out_seed)
+    held_out_seed = run.train.seed if opts.data is None else None
+    result = evaluate_dataset(loaded.model, loaded.tokenizer, data, batch_size=opts.batch_size,
+                              held_out_seed=held_out_seed, max_examples=opts.max_samples)
     what = "held-out split of the run" if held_out_seed is not None else data.path
-    result = {"data": what, "base": loaded.model.qlora_kit_base.source,
+    result = {"data": what, "base": loaded.base.source,
               "adapter": str(loaded.adapter_dir) if loaded.adapter_dir else None, **result}
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
           f"({result['examples']} examples, {result['supervised_tokens']} supervised tokens)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        log.info("wrote %s", args.json)
+    if opts.json:
+        from .atomic import write_json
+
+        write_json(Path(opts.json), result)
+        log.info("wrote %s", opts.json)
+    return 0
+
+
+def cmd_merge(opts: MergeOptions) -> int:
+    from .export import merge
+    from .verify import summary
+
+    fields = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name not in ("adapter", "out_dir")}
+    result = merge(opts.adapter, opts.out_dir, **fields)
+    print(f"merged {result.merged_modules} adapter modules into {result.out_dir} "
+          f"(mode {opts.mode}, {opts.dtype}, {_size(result.bytes)} in {len(result.files)} file(s), "
+          f"{result.seconds:.1f}s)")
+    print("verification: " + (summary(result.verification) if result.verification else "skipped (--verify 0)"))
+    return 0
+
+
+def cmd_dequantize(opts: DequantizeOptions) -> int:
+    from .export import dequantize
+
+    result = dequantize(opts.src, opts.out_dir, dtype=opts.dtype, overwrite=opts.overwrite,
+                        max_shard_size=opts.max_shard_size)
+    print(f"dequantized {opts.src} into {result.out_dir} ({opts.dtype}, {result.tensors} tensors, "
+          f"{_size(result.bytes)}, {result.seconds:.1f}s)")
     return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    return _print_config(args.section)
-
-
-def _print_config(section: str | None) -> int:
-    from .config import describe
-    from .recipe import RunConfig
-
-    if section is None:
+    name = args.section
+    if name is None:
         print(describe(RunConfig))
         return 0
     sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-    if section not in sections:
-        raise QLoRAKitError(f"no config section '{section}'; sections are: {', '.join(sections)}")
-    print(describe(type(getattr(RunConfig(), section)), prefix=section))
-    return 0
+    if name in sections:
+        print(describe(type(getattr(RunConfig(), name)), prefix=name))
+        return 0
+    if name in COMMANDS and COMMANDS[name][0] is not None:
+        print(describe(COMMANDS[name][0]))
+        return 0
+    options = [n for n, (cls, _, _) in COMMANDS.items() if cls is not None]
+    raise QLoRAKitError(f"no config section or command '{name}'; sections are {', '.join(sections)}; "
+                        f"commands are {', '.join(options)}")
 
 
-def _load(args: argparse.Namespace):
-    from .generation import GenerationSettings, load_model
+def _load(opts, use_template: bool = True):
+    from .generation import load_model
 
-    adapter = args.adapter or args.run
-    if args.adapter and args.run:
+    if opts.adapter and opts.run:
         raise QLoRAKitError("give the adapter either as the positional argument or with --adapter, not both")
-    settings = GenerationSettings(
-        max_new_tokens=getattr(args, "max_new_tokens", 256),
-        temperature=getattr(args, "temperature", 0.0),
-        top_p=getattr(args, "top_p", 1.0),
-        seed=getattr(args, "seed", None),
-    )
-    return load_model(args.base, adapter, device=args.device, force=args.force,
-                      use_template=not getattr(args, "no_chat_template", False), settings=settings)
+    generation = getattr(opts, "max_new_tokens", None) is not None
+    return load_model(opts.base, opts.adapter or opts.run, device=opts.device, force=opts.force,
+                      use_template=use_template, settings=opts if generation else None)
 
 
-# ---------------------------------------------------------------- parser
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+# name -> (options declaration, handler, help); train and config parse their own arguments.
+COMMANDS = {
+    "train": (None, cmd_train, "fine-tune an adapter as a recipe describes"),
+    "generate": (GenerateOptions, cmd_generate, None),
+    "chat": (ChatOptions, cmd_chat, None),
+    "eval": (EvalOptions, cmd_eval, None),
+    "merge": (MergeOptions, cmd_merge, None),
+    "dequantize": (DequantizeOptions, cmd_dequantize, None),
+    "config": (None, cmd_config, "print every setting with its type, range, default and meaning"),
+}
+
+
+# ---------------------------------------------------------------- arguments from declarations
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One argument per field of `cls`: positionals where declared, else `--field-name`.
+
+    Values stay strings here; `options_from_args` converts and checks them with
+    the same code as config files, so errors read the same everywhere.
+    """
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        doc = docs.get(f.name, "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, metavar=f.metadata.get("metavar") or f.name.upper(),
+                                nargs=None if required else "?", default=argparse.SUPPRESS, help=doc)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=doc)
+            continue
+        shown = "" if required or f.default is None else f" (default {f.default})"
+        parser.add_argument(flag, dest=f.name, metavar=_metavar(hints[f.name]), required=required,
+                            default=argparse.SUPPRESS, help=doc + shown)
+
+
+def _metavar(tp) -> str:
+    inner = _without_none(tp)
+    if typing.get_origin(inner) is typing.Literal:
+        return "{" + ",".join(str(c) for c in typing.get_args(inner)) + "}"
+    return {int: "N", float: "X"}.get(inner, "VALUE")
+
+
+def options_from_args(cls: type, args: argparse.Namespace):
+    """Build and check `cls` from parsed arguments; every problem is reported at once."""
+    import yaml
+
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in vars(args):
+            continue
+        raw = getattr(args, f.name)
+        # Text options keep the user's text as typed ('yes' stays 'yes'); numbers are read as YAML scalars.
+        if isinstance(raw, str) and not _is_text(hints[f.name]):
+            try:
+                raw = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                pass  # left as text: the type check below reports it
+        values[f.name] = raw
+    flag = {f.name: (f.metadata.get("metavar") or f.name.upper()) if f.metadata.get("positional")
+            else "--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)}
+    return from_dict(cls, values, name=lambda path: flag.get(path, path),
+                     hint=f"See `qlora-kit {args.command} --help` for every option.")
+
+
+def _is_text(tp) -> bool:
+    inner = _without_none(tp)
+    return inner is str or (typing.get_origin(inner) is typing.Literal and
+                            all(isinstance(c, str) for c in typing.get_args(inner)))
+
+
+def _without_none(tp):
+    """`Optional[X]` -> X; any other type as it is."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return options[0] if len(options) == 1 else tp
+    return tp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .export_cli import DEQUANTIZE_HELP, build_dequantize_parser, build_merge_parser, main_dequantize, main_merge
-    from .export import MERGE_HELP
-
     parser = argparse.ArgumentParser(
         prog="qlora-kit",
         description="Fine-tune large language models on one GPU with QLoRA: 4-bit NF4 base, LoRA adapters.",
     )
+    parser.add_argument("--version", action="version", version=f"qlora-kit {__version__}")
     _add_verbose(parser, False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def command(name: str, handler, help: str, description: str | None = None):
-        sub = commands.add_parser(name, help=help, description=description or help,
+    for name, (cls, handler, help) in COMMANDS.items():
+        # A declaration's docstring: "`qlora-kit NAME`: summary." then details.
+        doc = inspect.cleandoc(cls.__doc__).split(": ", 1)[-1] if cls is not None else help
+        summary = doc.splitlines()[0].rstrip(".")
+        sub = commands.add_parser(name, help=summary, description=doc,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_verbose(sub, argparse.SUPPRESS)
-        sub.set_defaults(handler=handler)
-        return sub
-
-    train = command("train", cmd_train, "fine-tune an adapter as a recipe describes",
-                    "Train an adapter. CONFIG is a recipe YAML (see recipes/); section.key=value items "
-                    "override it, e.g. train.max_steps=20 lora.rank=8.")
-    train.add_argument("config", nargs="?", metavar="CONFIG", help="recipe YAML")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the recipe")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the newest checkpoint in train.output_dir (same as train.resume=true)")
-    train.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-
-    for name, handler, help in (
-        ("generate", cmd_generate, "generate a reply to one prompt with a base and optional adapter"),
-        ("chat", cmd_chat, "chat with a base and optional adapter (reads lines from stdin; /reset, /exit)"),
-        ("eval", cmd_eval, "loss and perplexity of a base or base + adapter on a dataset"),
-    ):
-        sub = command(name, handler, help)
-        _add_model_arguments(sub)
-        if name == "generate":
-            sub.add_argument("--prompt", required=True, help="the user's message")
-        if name in ("generate", "chat"):
-            _add_generation_arguments(sub, chat=name == "chat")
-        if name == "eval":
-            _add_eval_arguments(sub)
-
-    config = command("config", cmd_config, "print every config key with its type, default and meaning")
-    config.add_argument("section", nargs="?", help="only this section: model, quant, lora, data or train")
-
-    merge = command("merge", main_merge, "merge an adapter into its base: a plain Hugging Face checkpoint",
-                    MERGE_HELP)
-    build_merge_parser(merge)
-    dequantize = command("dequantize", main_dequantize,
-                         "turn a bitsandbytes 4-bit checkpoint into a plain 16/32-bit one", DEQUANTIZE_HELP)
-    build_dequantize_parser(dequantize)
+        sub.set_defaults(handler=handler, options=cls)
+        if cls is not None:
+            add_options(sub, cls)
+        elif name == "train":
+            _add_train_arguments(sub)
+        else:
+            sub.add_argument("section", nargs="?", help="only this section (model, quant, lora, data, train) "
+                                                        "or command (generate, chat, eval, merge, dequantize)")
     return parser
+
+
+def _add_train_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.description = ("Train an adapter. CONFIG is a recipe YAML (see recipes/); section.key=value items "
+                       "override it, e.g. train.max_steps=20 lora.rank=8. `qlora-kit config` lists every key.")
+    sub.add_argument("config", nargs="?", metavar="CONFIG", help="recipe YAML")
+    sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the recipe")
+    sub.add_argument("--resume", action="store_true",
+                     help="continue from the newest checkpoint in train.output_dir (same as train.resume=true)")
+    sub.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
 
 
 def _add_verbose(parser: argparse.ArgumentParser, default) -> None:
@@ -208,38 +312,17 @@ def _add_verbose(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
 
 
-def _add_model_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("run", nargs="?", metavar="RUN|ADAPTER",
-                     help="a training run folder or an adapter folder (same as --adapter)")
-    sub.add_argument("--adapter", help="adapter folder, or a run folder holding adapter/")
-    sub.add_argument("--base", help="base model: local folder, Hub id, .gguf file or 'smollm2-135m-instruct' "
-                                    "(default with an adapter: the base it was trained on)")
-    sub.add_argument("--device", help="'cuda', 'cuda:1', 'cpu' (default: CUDA when present)")
-    sub.add_argument("--force", action="store_true",
-                     help="load the adapter even if the base differs from the one it was trained on")
-
-
-def _add_generation_arguments(sub: argparse.ArgumentParser, chat: bool) -> None:
-    sub.add_argument("--system", help="system message")
-    sub.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
-    sub.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    sub.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when sampling (default 1.0)")
-    sub.add_argument("--seed", type=int, help="seed for sampling")
-    if not chat:
-        sub.add_argument("--no-chat-template", action="store_true",
-                         help="send the prompt as plain text instead of through the chat template / prompt style")
-
-
-def _add_eval_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--data", help="a .jsonl/.json/.csv/.parquet file, pkg:// path or Hub dataset "
-                                    "(default with a run folder: the run's held-out split)")
-    sub.add_argument("--format", choices=["instruction", "chat", "text"],
-                     help="row format (default: the run's, else instruction)")
-    sub.add_argument("--split", help="split of a Hub dataset (default train)")
-    sub.add_argument("--max-seq-len", type=int, help="tokens per example; longer ones are cut (default: the run's)")
-    sub.add_argument("--max-samples", type=int, help="evaluate only the first N rows")
-    sub.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default 8)")
-    sub.add_argument("--json", metavar="OUT", help="also write the result as JSON to OUT")
+def _train_flag_hint(items: list[str]) -> str | None:
+    """`--max-steps 5`, the habit from other trainers, spelled as the override it means."""
+    keys = {f"{section.name}.{f.name}": f.name for section in dataclasses.fields(RunConfig)
+            for f in dataclasses.fields(section.default_factory())}
+    for i, item in enumerate(items):
+        name = item.lstrip("-").split("=", 1)[0].replace("-", "_")
+        found = [key for key, leaf in keys.items() if leaf == name or key == name]
+        if item.startswith("--") and len(found) == 1:
+            value = item.split("=", 1)[1] if "=" in item else (items[i + 1] if i + 1 < len(items) else "VALUE")
+            return f"{item} is not a train option; settings are overrides: qlora-kit train CONFIG {found[0]}={value}"
+    return None
 
 
 # ---------------------------------------------------------------- logging
@@ -258,6 +341,13 @@ def setup_logging(verbose: bool) -> logging.Handler:
     logging.getLogger("qlora_kit").setLevel(logging.DEBUG if verbose else logging.INFO)
     # bitsandbytes warns on every CPU run about optional kernels; that is not the user's concern.
     logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    return handler
+
+
+def _quiet_libraries() -> None:
+    """transformers' and datasets' own logs and progress bars off (after parsing: they are slow to import)."""
     import datasets
     import transformers
 
@@ -265,9 +355,6 @@ def setup_logging(verbose: bool) -> logging.Handler:
     transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    if not verbose:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-    return handler
 
 
 # ---------------------------------------------------------------- entry point
@@ -287,21 +374,25 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:
-        # Overrides may follow options (`train cfg.yaml --resume lora.rank=8`); argparse leaves those here.
-        if args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
-            args.overrides = list(args.overrides) + extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.handler(args)
+        if extra:
+            # Overrides may follow options (`train cfg.yaml --resume lora.rank=8`); argparse leaves those here.
+            if args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
+                args.overrides = list(args.overrides) + extra
+            elif args.command == "train" and (hint := _train_flag_hint(extra)):
+                raise QLoRAKitError(hint)
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _quiet_libraries()
+        target = options_from_args(args.options, args) if args.options is not None else args
+        return args.handler(target)
     except QLoRAKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         hint = ""
         if args.command == "train" and args.config:
-            again = " ".join([args.config, *args.overrides, "--resume"])
+            again = " ".join([args.config, *[o for o in args.overrides if o != "train.resume=true"], "--resume"])
             hint = f"; continue from the last checkpoint with: qlora-kit train {again}"
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED

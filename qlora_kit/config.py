@@ -9,6 +9,8 @@ turns plain data into any nested dataclass while collecting every problem
 Supported field types: ``str, int, float, bool, Optional[X]`` / ``X | None``,
 ``Literal[...]``, ``list[X]`` and nested dataclasses. A field's documentation is
 the ``# comment`` at the end of its line, or a string literal right after it.
+A field's allowed range is declared with it (``bounded(16, ge=1)``) and checked
+here, with every other problem; floats must always be finite.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import difflib
 import functools
 import inspect
 import io
+import math
 import os
 import re
-import tempfile
 import textwrap
 import tokenize
 import types
@@ -31,10 +33,14 @@ from typing import Any, Callable, Iterable, Literal, Union
 
 import yaml
 
+from . import atomic
 from .errors import QLoRAKitError
 
 __all__ = [
+    "bounded",
+    "positional",
     "from_dict",
+    "make",
     "to_dict",
     "parse_overrides",
     "load_config",
@@ -48,8 +54,47 @@ Problem = tuple[str, str]
 
 _FIX_HINT = (
     "Fix these in the config file or with overrides of the form section.key=value; "
-    "the config reference (describe) lists every key with its type, default and meaning."
+    "`qlora-kit config` lists every key with its type, range, default and meaning."
 )
+
+
+# ------------------------------------------------------------------ declarations
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric field: any of >= ge, > gt, <= le, < lt."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, value: Any) -> str | None:
+        for limit, ok, word in ((self.ge, lambda v, b: v >= b, ">="), (self.gt, lambda v, b: v > b, ">"),
+                                (self.le, lambda v, b: v <= b, "<="), (self.lt, lambda v, b: v < b, "<")):
+            if limit is not None and not ok(value, limit):
+                return f"must be {self.text()}, got {_show(value)}"
+        return None
+
+    def text(self) -> str:
+        parts = [f"{word} {_show(limit)}" for limit, word in
+                 ((self.ge, ">="), (self.gt, ">"), (self.le, "<="), (self.lt, "<")) if limit is not None]
+        return " and ".join(parts)
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A numeric field with its allowed range, declared once: ``rank: int = bounded(16, ge=1)``.
+
+    ``None`` (for an Optional field) is always allowed; the range applies to numbers.
+    """
+    return dataclasses.field(default=default, metadata={"bounds": Bounds(ge, gt, le, lt)})
+
+
+def positional(default: Any = dataclasses.MISSING, *, metavar: str | None = None) -> Any:
+    """A command's positional argument (``qlora-kit merge ADAPTER OUT``) rather than a ``--flag``."""
+    return dataclasses.field(default=default, metadata={"positional": True, "metavar": metavar})
 
 
 # --------------------------------------------------------------------------- YAML
@@ -247,6 +292,8 @@ def _build(cls: type, data: dict, prefix: str) -> tuple[Any, list[Problem]]:
             problems.append(_unknown_key(_join(prefix, str(key)), str(key), list(by_name)))
             continue
         converted, field_problems = _coerce(value, hints.get(key, Any), _join(prefix, key))
+        if not field_problems:
+            field_problems = _range_problems(converted, field, _join(prefix, key))
         problems += field_problems
         # A nested section with problems may still be built (with defaults in its bad
         # fields); keep it so its siblings are checked and defaults stay consistent.
@@ -264,6 +311,17 @@ def _build(cls: type, data: dict, prefix: str) -> tuple[Any, list[Problem]]:
         if not any(p[1] == "missing required key" for p in problems):
             problems.append((prefix, str(err)))
         return None, problems
+
+
+def _range_problems(value: Any, field: dataclasses.Field, path: str) -> list[Problem]:
+    """A number outside its declared bounds, or a float that is NaN or infinite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, f"must be a finite number, got {_show(value)}")]
+    bounds = field.metadata.get("bounds")
+    if bounds is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return []
+    message = bounds.problem(value)
+    return [(path, message)] if message else []
 
 
 def _semantic_problems(obj: Any, path: str, blocked: list[str]) -> list[Problem]:
@@ -293,26 +351,38 @@ def _collect(cls: type, data: Any, prefix: str) -> tuple[Any, list[Problem]]:
     return obj, problems
 
 
-def _raise(problems: list[Problem], source: Callable[[str], str | None]) -> typing.NoReturn:
+def _raise(problems: list[Problem], source: Callable[[str], str | None], *,
+           name: Callable[[str], str] = lambda path: path, hint: str = _FIX_HINT) -> typing.NoReturn:
     lines = []
     for path, message in problems:
         origin = source(path)
-        text = f"{path}: {message}" if path else message
+        text = f"{name(path)}: {message}" if path else message
         lines.append(f"  {origin}: {text}" if origin else f"  {text}")
     count = f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
-    raise QLoRAKitError(f"Invalid configuration ({count}):\n" + "\n".join(lines) + "\n" + _FIX_HINT)
+    raise QLoRAKitError(f"Invalid configuration ({count}):\n" + "\n".join(lines) + "\n" + hint)
 
 
-def from_dict(cls: type, data: dict, *, path_prefix: str = "", source: str | None = None) -> Any:
+def from_dict(cls: type, data: dict, *, path_prefix: str = "", source: str | None = None,
+              name: Callable[[str], str] = lambda path: path, hint: str = _FIX_HINT) -> Any:
     """Build dataclass ``cls`` (nested sections included) from a plain dict.
 
     Every problem is collected first; then one QLoRAKitError lists them all, one
     per line, each prefixed with ``source`` (e.g. the file name) when given.
+    ``name`` renders a key's path (the command line shows ``--max-shard-size``);
+    ``hint`` closes the message with where to look up the valid keys.
     """
     obj, problems = _collect(cls, data, path_prefix)
     if problems:
-        _raise(problems, lambda _path: source)
+        _raise(problems, lambda _path: source, name=name, hint=hint)
     return obj
+
+
+def make(cls: type, **values: Any) -> Any:
+    """``cls(**values)`` with every check a config file gets (types, choices, ranges), for library calls.
+
+    Paths are accepted where strings are declared.
+    """
+    return from_dict(cls, to_dict(values))
 
 
 # ---------------------------------------------------------------- objects -> dict
@@ -332,24 +402,14 @@ def to_dict(obj: Any) -> Any:
 
 
 def save_config(obj: Any, path: str | Path) -> Path:
-    """Write ``obj`` (dataclass or dict) as YAML, atomically: temp file + os.replace.
+    """Write ``obj`` (dataclass or dict) as YAML, atomically (`atomic.write_text`).
 
     A crash mid-write never leaves a truncated config in a run folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, text)
 
 
 # ---------------------------------------------------------------------- overrides
@@ -541,6 +601,8 @@ def describe(cls: type, *, prefix: str = "") -> str:
             continue
         default = _default_of(f)
         shown = "required" if default is dataclasses.MISSING else f"default {_show(to_dict(default))}"
-        line = f"{path} ({_type_name(tp)}, {shown})"
+        bounds = f.metadata.get("bounds")
+        kind = f"{_type_name(tp)} {bounds.text()}" if bounds else _type_name(tp)
+        line = f"{path} ({kind}, {shown})"
         lines.append(f"{line}: {doc}" if doc else line)
     return "\n".join(line for line in lines if line)

@@ -11,16 +11,16 @@ target, because nothing precedes it.
 from __future__ import annotations
 
 import importlib.util
-
 import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator
 
 import torch
 
 from .errors import QLoRAKitError
+from .settings import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,33 +53,6 @@ CHAT_TEMPLATES = {
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 CHAT_ROLES = {"system", "user", "assistant"}
-
-
-@dataclass
-class DataConfig:
-    path: str = ""  # a .jsonl/.json/.csv/.parquet file, or a Hub dataset name such as "tatsu-lab/alpaca"
-    format: Literal["instruction", "chat", "text"] = "instruction"  # instruction: instruction/input/output; chat: messages (or ShareGPT conversations); text: text
-    split: str = "train"  # which split of a Hub dataset to read (local files are read whole)
-    eval_file: Optional[str] = None  # a held-out file in the same format; when set, eval_fraction is ignored
-    eval_fraction: float = 0.05  # share of rows carved off (seeded) as the held-out set when there is no eval_file; 0 for none
-    max_seq_len: int = 1024  # tokens per example (or per packed row); longer examples are cut at the end
-    packing: bool = False  # concatenate examples into rows of up to max_seq_len, each attending only to itself
-    train_on_prompt: bool = False  # also take loss on prompt / user / system tokens, not just responses
-    prompt_style: Literal["auto", "chat_template", "alpaca"] = "auto"  # instruction rows: auto = tokenizer's chat template if it has one, else the Alpaca prompt
-    chat_template: Optional[str] = None  # override or supply a chat template: "chatml" or a Jinja string; None = the tokenizer's own
-    max_samples: Optional[int] = None  # use only the first N rows of the file (quick runs)
-
-    def problems(self) -> list[str]:
-        found = []
-        if not self.path:
-            found.append("data.path is empty: give a .jsonl/.json/.csv/.parquet file or a Hub dataset name")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            found.append(f"data.eval_fraction is {self.eval_fraction}; it must be in [0, 1)")
-        if self.max_seq_len < 2:
-            found.append(f"data.max_seq_len is {self.max_seq_len}; it must be at least 2")
-        if self.max_samples is not None and self.max_samples < 1:
-            found.append(f"data.max_samples is {self.max_samples}; it must be at least 1 (or unset)")
-        return found
 
 
 @dataclass
@@ -238,7 +211,7 @@ class Renderer:
                 + (", or data.prompt_style: alpaca" if cfg.format == "instruction" else "")
             )
 
-    def _resolve_template(self) -> Optional[str]:
+    def _resolve_template(self) -> str | None:
         name = self.cfg.chat_template
         if name is None:
             return getattr(self.tokenizer, "chat_template", None) or None

@@ -13,25 +13,30 @@ changes nothing in a token-weighted sum but wastes less compute on padding.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import DataConfig, collate, prepare_data
-from .losses import supervised_loss_sum
+from .losses import SupervisedLoss, perplexity
 
 log = logging.getLogger(__name__)
 
+LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+
 
 def evaluate_dataset(model, tokenizer, data: DataConfig, *, batch_size: int = 8, held_out_seed: int | None = None,
-                     loss_chunk_tokens: int = 1024) -> dict:
+                     max_examples: int | None = None, loss_chunk_tokens: int = 1024) -> dict:
     """Token-weighted mean loss and perplexity over every row of `data`.
 
     With `held_out_seed`, only the held-out split a training run with that seed
-    carved off (`data.eval_fraction` or `data.eval_file`) is evaluated.
+    carved off (`data.eval_fraction` or `data.eval_file`) is evaluated, carved
+    exactly as training carved it. `max_examples` then caps the examples
+    evaluated: it never shrinks the rows a split is carved from, which would let
+    training rows into the held-out set.
     """
     if held_out_seed is None:
         prepared = prepare_data(replace(data, eval_fraction=0.0, eval_file=None, packing=False), tokenizer, seed=0)
@@ -39,12 +44,15 @@ def evaluate_dataset(model, tokenizer, data: DataConfig, *, batch_size: int = 8,
     else:
         prepared = prepare_data(replace(data, packing=False), tokenizer, seed=held_out_seed)
         examples = prepared.eval
+    examples = examples[:max_examples]
     started = time.perf_counter()
-    loss_sum, tokens = token_loss(model, examples, prepared.pad_id, batch_size, loss_chunk_tokens)
+    device = next(model.parameters()).device
+    loss_sum, tokens = token_loss(SupervisedLoss(model, loss_chunk_tokens), examples, prepared.pad_id,
+                                  batch_size=batch_size, device=device)
     loss = loss_sum / max(tokens, 1)
     return {
         "loss": round(loss, 6),
-        "perplexity": round(math.exp(loss), 4) if loss < 50 else float("inf"),
+        "perplexity": round(perplexity(loss), 4),
         "examples": len(examples),
         "supervised_tokens": tokens,
         "truncated": prepared.stats["truncated"],
@@ -53,19 +61,29 @@ def evaluate_dataset(model, tokenizer, data: DataConfig, *, batch_size: int = 8,
 
 
 @torch.no_grad()
-def token_loss(model, examples: list[dict], pad_id: int, batch_size: int = 8,
-               loss_chunk_tokens: int = 1024) -> tuple[float, int]:
-    """(summed cross-entropy over supervised targets, number of targets) of `examples`."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+def token_loss(loss_fn: LossFn | torch.nn.Module, examples: list[dict], pad_id: int, *, batch_size: int,
+               device: torch.device, max_batches: int | None = None,
+               mask_dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+    """(summed cross-entropy over supervised targets, number of targets) of `examples`.
+
+    `loss_fn(batch) -> (summed loss, targets)`: a `SupervisedLoss`, bare or wrapped
+    by Accelerate (autocast). `max_batches` caps the examples at the first
+    `max_batches * batch_size`; they are then batched shortest first, which changes
+    nothing in a token-weighted sum but wastes less compute on padding.
+    """
+    if max_batches is not None:
+        examples = examples[: max_batches * batch_size]
+    was_training = getattr(loss_fn, "training", False)
+    if isinstance(loss_fn, torch.nn.Module):
+        loss_fn.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     total, count = 0.0, 0
     for idx in tqdm(batches, desc="evaluating", unit="batch", disable=None, leave=False):
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        loss_sum, n = supervised_loss_sum(model, batch, loss_chunk_tokens)
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id, mask_dtype).items()}
+        loss_sum, n = loss_fn(batch)
         total += float(loss_sum)
         count += int(n)
-    model.train(was_training)
+    if isinstance(loss_fn, torch.nn.Module):
+        loss_fn.train(was_training)
     return total, count

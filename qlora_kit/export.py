@@ -10,7 +10,7 @@ output is assembled in `.OUT.tmp-*` beside OUT and renamed into place only
 after it is complete and, for merges, verified (`qlora_kit.verify`).
 
     merge("runs/r1", "exports/r1")                          # NF4-faithful merge, bf16, verified
-    merge("runs/r1/adapter", "exports/r1-orig", mode="original", dtype="fp16")
+    merge("runs/r1/adapter", "exports/r1-orig", mode="original", dtype="float16")
     dequantize("saved-4bit-model", "exports/plain")
 """
 
@@ -27,58 +27,22 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory, quantization
-from .adapter_io import find_adapter, lora_config_from_peft, read_adapter
+from .adapter_io import AdapterRecord
+from .atomic import staged_folder
 from .checkpoint import Checkpoint, resolve
-from .checkpoint_writer import (DEFAULT_MAX_SHARD_SIZE, ShardWriter, copy_side_files, parse_size,
-                                staged_folder, write_config)
+from .checkpoint_writer import ShardWriter, copy_side_files, parse_size, write_config
+from .config import make
 from .errors import QLoRAKitError
+from .precision import torch_dtype
+from .settings import DequantizeOptions, MergeOptions, ModelConfig
 
 log = logging.getLogger(__name__)
 
-MODES = ("nf4", "original")
-OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_VERIFY_BATCHES = 4
 EXPORT_MANIFEST = "qlora_kit_export.json"
 # Tokenizer files a run may have changed (e.g. a chat template added for training); the
 # adapter folder's copies win over the base's.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-
-MERGE_HELP = """\
-Merge a LoRA adapter into its base model and write a standard Hugging Face
-checkpoint (sharded safetensors, config, tokenizer, chat template) that loads
-with plain transformers, vLLM or llama.cpp converters: no PEFT, no bitsandbytes.
-
-Which base weights the adapter is added to (--mode):
-
-  nf4 (default)  The adapter was trained on top of the NF4-quantized base, so it
-                 learned corrections relative to *those* weights. The merge
-                 re-quantizes every layer that was 4-bit during training exactly
-                 as training did (quant type, block size, double quant, compute
-                 dtype from the adapter's qlora_kit.json), dequantizes it and adds
-                 scaling*B*A. The export computes what the trained model computed
-                 (up to rounding to --dtype): the losses and evaluations you saw in
-                 training carry over. The cost: the base keeps its 4-bit
-                 quantization error, stored in 16 bits.
-
-  original       Add scaling*B*A to the original 16-bit weights. Choose it when
-                 you will serve the original-precision base anyway and want the
-                 adapter on top of the more accurate weights. But the adapter never
-                 saw these weights: outputs differ from the trained model, usually
-                 slightly, sometimes noticeably (small models, large updates). Its
-                 verification checks the merge against the 16-bit base + adapter
-                 and also reports the drift from the trained 4-bit model.
-
-If unsure, export nf4 (it is what you evaluated); export both and evaluate them
-if the last bit of quality matters.
-
-Verification (on by default, --verify N batches of 4x128 tokens, 0 to skip)
-loads the merged model and the adapter on its base, compares their next-token
-distributions on the same text and refuses to put the export in place if their
-top-1 agreement is below --min-agreement. It needs both models in host RAM
-(about 4.5 bytes per parameter); use --verify 0 for models that do not fit.
-"""
-
 
 @dataclass
 class ExportResult:
@@ -107,66 +71,40 @@ class MergePlan:
     mode: str
     scaling: float
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B)
-    quant: dict  # the manifest's quantization settings (QuantConfig.describe())
+    quant: dict  # the manifest's quantization record (quantization.quant_record)
     quantized: set[str]  # weight names that were 4-bit during training
     skip: set[str]  # tensors not written (lm_head of a tied model)
     manifest: dict | None
 
 
-def merge(
-    adapter_or_run_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    base: str | None = None,
-    mode: str = "nf4",
-    dtype: str = "bf16",
-    force: bool = False,
-    overwrite: bool = False,
-    verify_batches: int = DEFAULT_VERIFY_BATCHES,
-    verify_texts: list[str] | str | os.PathLike | None = None,
-    min_agreement: float | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    progress: bool = True,
-) -> ExportResult:
+def merge(adapter: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
+          **options) -> ExportResult:
     """Merge an adapter into its base and write a plain Hugging Face checkpoint at `out_dir`.
 
-    adapter_or_run_dir  an adapter folder, or a run folder holding `adapter/`.
-    base                the base checkpoint; default: the one recorded in the adapter's
-                        qlora_kit.json (its folder, else its source).
-    mode                'nf4': add the update to the base as the 4-bit training model saw
-                        it; 'original': to the original weights (see MERGE_HELP).
-    dtype               'bf16', 'fp16' or 'fp32' for the written weights.
-    force               accept a base whose fingerprint differs from the manifest's.
-    overwrite           replace an existing `out_dir` (only once the new export is complete).
-    verify_batches      batches of 4x128 tokens to compare before the export is put in
-                        place (0: skip); see qlora_kit.verify.
-    verify_texts        texts, or a .txt/.jsonl file, for verification; default: built-in.
-    min_agreement       top-1 agreement below which verification fails (default 0.98).
-    max_shard_size      largest output shard, bytes or '2GB'.
-    progress            show a progress bar (tqdm, on stderr).
+    `adapter` is an adapter folder or a run folder holding `adapter/`; `options` are
+    those of `qlora-kit merge` (`settings.MergeOptions`: base, mode, dtype, force,
+    overwrite, verify, verify_file, min_agreement, max_shard_size), checked as the
+    command line checks them. `progress` shows progress bars on stderr.
 
     Raises QLoRAKitError, before writing anything, for a missing adapter or base, a
     base with another fingerprint (unless `force`), missing shards, adapter modules
     the base lacks or whose shapes differ; and, leaving no export, when verification
     fails.
     """
+    opts = make(MergeOptions, adapter=adapter, out_dir=out_dir, **options)
     started = time.monotonic()
-    out_dtype = _output_dtype(dtype)
-    if mode not in MODES:
-        raise QLoRAKitError(f"unknown merge mode '{mode}': use one of {', '.join(MODES)}")
-    max_bytes = parse_size(max_shard_size)
-    adapter_dir = find_adapter(adapter_or_run_dir)
-    plan = plan_merge(adapter_dir, base=base, mode=mode, force=force)
-    with staged_folder(out_dir, overwrite=overwrite) as tmp:
-        files, tensors, nbytes = _write_merged(plan, tmp, out_dtype, max_bytes, progress)
-        _write_export_manifest(tmp, plan, dtype)
+    max_bytes = parse_size(opts.max_shard_size)
+    plan = plan_merge(AdapterRecord.read(opts.adapter), base=opts.base, mode=opts.mode, force=opts.force)
+    with staged_folder(opts.out_dir, overwrite=opts.overwrite) as tmp:
+        files, tensors, nbytes = _write_merged(plan, tmp, torch_dtype(opts.dtype), max_bytes, progress)
+        _write_export_manifest(tmp, plan, opts.dtype)
         report = None
-        if verify_batches > 0:
+        if opts.verify > 0:
             from . import verify  # imports transformers' model classes; only needed here
 
             report = verify.verify_export(
-                tmp, adapter_dir, plan.checkpoint.folder, plan.quant, mode=mode, batches=verify_batches,
-                texts=verify_texts, min_agreement=min_agreement, force=force,
+                tmp, plan.adapter_dir, plan.checkpoint.folder, plan.quant, mode=opts.mode, batches=opts.verify,
+                texts=opts.verify_file, min_agreement=opts.min_agreement, force=opts.force,
             )
             verify.write_report(tmp, report)
             if not report["passed"]:
@@ -176,63 +114,30 @@ def merge(
                     "(or lower --min-agreement / pass --verify 0 if you accept it)"
                 )
     return ExportResult(
-        out_dir=Path(out_dir), files=files, tensors=tensors, bytes=nbytes, seconds=time.monotonic() - started,
+        out_dir=Path(opts.out_dir), files=files, tensors=tensors, bytes=nbytes, seconds=time.monotonic() - started,
         merged_modules=len(plan.adapters), verification=report,
     )
 
 
-def plan_merge(adapter_dir: Path, *, base: str | None, mode: str, force: bool) -> MergePlan:
+def plan_merge(record: AdapterRecord, *, base: str | None, mode: str, force: bool) -> MergePlan:
     """Read the adapter, find and check its base; raise before writing anything if they do not fit."""
-    peft_config, weights, manifest = read_adapter(adapter_dir)
-    lora = lora_config_from_peft(peft_config, adapter_dir)
-    checkpoint = resolve(_base_source(base, manifest, peft_config, adapter_dir))
-    _check_fingerprint(checkpoint, manifest, adapter_dir, force)
-    adapters = _pair_weights(weights, adapter_dir)
+    checkpoint = resolve(record.base_model(base).base)
+    record.check_base(checkpoint.fingerprint(), str(checkpoint.folder), force=force)
+    adapters = _pair_weights(record.weights(), record.folder)
     shapes = checkpoint.tensor_shapes()
-    _check_shapes(adapters, shapes, adapter_dir, checkpoint)
-    quant = (manifest or {}).get("quantization") or {}
+    _check_shapes(adapters, shapes, record.folder, checkpoint)
+    quant = record.manifest.get("quantization") or {}
     if mode == "nf4" and not quant:
-        log.warning("adapter %s has no qlora_kit.json quantization record; assuming the defaults %s",
-                    adapter_dir, quantization.QuantConfig().describe())
-        quant = quantization.QuantConfig().describe()
+        quant = quantization.quant_record(record.quant_config())
+        log.warning("adapter %s has no qlora_kit.json quantization record; assuming %s", record.folder, quant)
     config = _read_config(checkpoint.folder)
     tied = bool(config.get("tie_word_embeddings", False))
     return MergePlan(
-        adapter_dir=adapter_dir, checkpoint=checkpoint, mode=mode, scaling=lora.scaling, adapters=adapters,
-        quant=quant, quantized=_quantized_weights(checkpoint, quant) if mode == "nf4" else set(),
-        skip={"lm_head.weight"} if tied else set(), manifest=manifest,
+        adapter_dir=record.folder, checkpoint=checkpoint, mode=mode, scaling=record.lora_config().scaling,
+        adapters=adapters, quant=quant,
+        quantized=_quantized_weights(checkpoint, quant, record.base_model(base)) if mode == "nf4" else set(),
+        skip={"lm_head.weight"} if tied else set(), manifest=record.manifest or None,
     )
-
-
-def _base_source(base: str | None, manifest: dict | None, peft_config: dict, adapter_dir: Path) -> str:
-    if base:
-        return str(base)
-    recorded = (manifest or {}).get("base") or {}
-    if recorded.get("folder") and Path(recorded["folder"]).is_dir():
-        return recorded["folder"]
-    source = recorded.get("source") or peft_config.get("base_model_name_or_path")
-    if not source:
-        raise QLoRAKitError(f"adapter {adapter_dir} does not say which base it was trained on; pass --base")
-    return source
-
-
-def _check_fingerprint(checkpoint: Checkpoint, manifest: dict | None, adapter_dir: Path, force: bool) -> None:
-    trained_on = ((manifest or {}).get("base") or {}).get("fingerprint")
-    if not trained_on:
-        log.warning("adapter %s records no base fingerprint; cannot check it was trained on %s",
-                    adapter_dir, checkpoint.folder)
-        return
-    actual = checkpoint.fingerprint()
-    if actual == trained_on:
-        return
-    message = (
-        f"adapter {adapter_dir} was trained on a different base: its manifest records "
-        f"'{manifest['base'].get('source')}' with fingerprint {trained_on[:32]}..., but {checkpoint.folder} "
-        f"has {actual[:32]}..."
-    )
-    if not force:
-        raise QLoRAKitError(message + ". Point --base at the base it was trained on, or pass --force to merge anyway")
-    log.warning("%s; merging anyway (--force)", message)
 
 
 def _pair_weights(weights: dict[str, torch.Tensor], adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -263,14 +168,18 @@ def _check_shapes(adapters, shapes, adapter_dir: Path, checkpoint: Checkpoint) -
             )
 
 
-def _quantized_weights(checkpoint: Checkpoint, quant: dict) -> set[str]:
-    """Names of the weights training held in 4-bit, decided by the same code that loads the base."""
+def _quantized_weights(checkpoint: Checkpoint, quant: dict, model: ModelConfig) -> set[str]:
+    """Names of the weights training held in 4-bit, decided by the same code that loads the base.
+
+    The skeleton is built with the run's own model settings (attention kernel,
+    remote code), so a model that needs e.g. eager attention merges as it trained.
+    """
     from transformers import AutoConfig
 
     from .loading import build_skeleton
 
-    config = AutoConfig.from_pretrained(checkpoint.folder)
-    skeleton = build_skeleton(config, quantization.quant_config_from_description(quant))
+    config = AutoConfig.from_pretrained(checkpoint.folder, trust_remote_code=model.trust_remote_code)
+    skeleton = build_skeleton(config, quantization.quant_config_from_record(quant), model)
     return {f"{name}.weight" for name, module in skeleton.named_modules() if quantization.is_4bit_linear(module)}
 
 
@@ -281,7 +190,7 @@ def _read_config(folder: Path) -> dict:
 def _write_merged(plan: MergePlan, folder: Path, out_dtype: torch.dtype, max_bytes: int,
                   progress: bool) -> tuple[list[str], int, int]:
     writer = ShardWriter(folder, max_bytes)
-    compute_dtype = quantization.DTYPES[plan.quant.get("compute_dtype", "bfloat16")] if plan.mode == "nf4" else None
+    compute_dtype = torch_dtype(plan.quant.get("compute_dtype", "bfloat16")) if plan.mode == "nf4" else None
     pending = set(plan.adapters)
     count = 0
     total = sum(shard.stat().st_size for shard in plan.checkpoint.shards)
@@ -332,7 +241,7 @@ def merged_tensor(name: str, tensor: torch.Tensor, plan: MergePlan, compute_dtyp
         tensor = merged
     result = tensor.to(out_dtype)
     if out_dtype == torch.float16 and not torch.isfinite(result).all():
-        raise QLoRAKitError(f"{name} overflows float16 after merging; export with --dtype bf16 or fp32")
+        raise QLoRAKitError(f"{name} overflows float16 after merging; export with --dtype bfloat16 or float32")
     return result
 
 
@@ -360,12 +269,6 @@ def _trimmer(max_shard_bytes: int) -> memory.FreedMemory:
     return memory.FreedMemory(every_bytes=min(256 * 2**20, max(max_shard_bytes // 8, 1)))
 
 
-def _output_dtype(dtype: str) -> torch.dtype:
-    if dtype not in OUTPUT_DTYPES:
-        raise QLoRAKitError(f"unknown output dtype '{dtype}': use one of {', '.join(OUTPUT_DTYPES)}")
-    return OUTPUT_DTYPES[dtype]
-
-
 # ---------------------------------------------------------------------------
 # dequantize
 # ---------------------------------------------------------------------------
@@ -373,32 +276,27 @@ def _output_dtype(dtype: str) -> torch.dtype:
 _STATE_SUFFIXES = tuple(f".weight.{s}" for s in quantization.SAVED_STATE_SUFFIXES)
 
 
-def dequantize(
-    src: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    dtype: str = "bf16",
-    overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    progress: bool = True,
-) -> ExportResult:
+def dequantize(src: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
+               **options) -> ExportResult:
     """Turn a bitsandbytes 4-bit checkpoint (as `save_pretrained` writes it) into a plain one.
 
     Each 4-bit weight is rebuilt from its packed data and saved quantization state
     and dequantized exactly as the 4-bit model computes with it; other tensors are
-    cast to `dtype`. The output config has no quantization_config.
+    cast to `dtype`. The output config has no quantization_config. `options` are
+    those of `qlora-kit dequantize` (`settings.DequantizeOptions`).
     """
+    opts = make(DequantizeOptions, src=src, out_dir=out_dir, **options)
     started = time.monotonic()
-    out_dtype = _output_dtype(dtype)
-    max_bytes = parse_size(max_shard_size)
-    checkpoint = resolve(src)
+    dtype, overwrite, out_dtype = opts.dtype, opts.overwrite, torch_dtype(opts.dtype)
+    max_bytes = parse_size(opts.max_shard_size)
+    checkpoint = resolve(opts.src)
     config = _read_config(checkpoint.folder)
     _check_4bit_config(config, checkpoint.folder)
     names = checkpoint.tensor_names()
     parts = _saved_4bit_weights(names)
     if not parts:
         raise QLoRAKitError(f"{checkpoint.folder} holds no 4-bit weights (no '*.weight.absmax' tensors) to dequantize")
-    with staged_folder(out_dir, overwrite=overwrite) as tmp:
+    with staged_folder(opts.out_dir, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, max_bytes)
         pending: dict[str, dict[str, torch.Tensor]] = {}
         count = 0
@@ -428,7 +326,7 @@ def dequantize(
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(
             {"kind": "dequantize", "dtype": dtype, "source": checkpoint.source,
              "quantization_config": config.get("quantization_config")}, indent=2) + "\n")
-    return ExportResult(out_dir=Path(out_dir), files=files, tensors=count, bytes=writer.total_bytes,
+    return ExportResult(out_dir=Path(opts.out_dir), files=files, tensors=count, bytes=writer.total_bytes,
                         seconds=time.monotonic() - started)
 
 

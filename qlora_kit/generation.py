@@ -14,7 +14,6 @@ chat template is used. With no adapter, the base is loaded as it is.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,49 +21,13 @@ from typing import Callable, Optional
 
 import torch
 
-from .adapter_io import CONFIG_FILE, MANIFEST_FILE, RUN_ADAPTER_DIR, find_adapter, load_adapter
-from .data import ALPACA_PROMPT, DataConfig, Renderer
+from .adapter_io import AdapterRecord, load_adapter
+from .data import ALPACA_PROMPT, Renderer
 from .errors import QLoRAKitError
-from .loading import ModelConfig, load_base
-from .quantization import QuantConfig, quant_config_from_description
-from .recipe import RunConfig, load_recipe
+from .loading import BaseInfo, load_base
+from .settings import DataConfig, GenerationOptions, ModelConfig, QuantConfig, RunConfig
 
 log = logging.getLogger(__name__)
-
-RUN_CONFIG_FILE = "config.yaml"
-
-
-# ---------------------------------------------------------------- finding what to load
-
-
-def run_config_of(adapter_dir: Path) -> RunConfig | None:
-    """The run config of the training run an adapter folder belongs to, if it sits in one."""
-    path = adapter_dir.parent / RUN_CONFIG_FILE
-    return load_recipe(path) if adapter_dir.name == RUN_ADAPTER_DIR and path.is_file() else None
-
-
-def _manifest(adapter_dir: Path) -> dict:
-    path = adapter_dir / MANIFEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _peft_base(adapter_dir: Path) -> str | None:
-    return json.loads((adapter_dir / CONFIG_FILE).read_text()).get("base_model_name_or_path")
-
-
-def _recorded_base(adapter_dir: Path, run: RunConfig | None, manifest: dict) -> ModelConfig:
-    """The base an adapter was trained on: the run's model section, else its manifest, else PEFT's config."""
-    recorded = manifest.get("base") or {}
-    # The manifest's folder is the resolved local copy; prefer it when it is still there,
-    # so a run trained on a relative path or a Hub id loads without the network.
-    folder = recorded.get("folder")
-    base = folder if folder and Path(folder).is_dir() else None
-    if run is not None:
-        return replace(run.model, base=base or run.model.base)
-    base = base or recorded.get("source") or _peft_base(adapter_dir)
-    if not base:
-        raise QLoRAKitError(f"adapter {adapter_dir} does not say which base it was trained on; pass --base")
-    return ModelConfig(base=base)
 
 
 # ---------------------------------------------------------------- prompts
@@ -117,23 +80,16 @@ def prompt_format(tokenizer, data: DataConfig | None = None, use_template: bool 
 
 
 @dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256  # tokens generated at most per reply
-    temperature: float = 0.0  # 0 = greedy (deterministic); > 0 samples
-    top_p: float = 1.0  # nucleus sampling when temperature > 0
-    seed: Optional[int] = None  # seeds sampling, for repeatable outputs
-
-
-@dataclass
 class LoadedModel:
     """A 4-bit base with its adapter (if any), its tokenizer, and the prompt format to use."""
 
     model: torch.nn.Module
     tokenizer: object
     format: PromptFormat
+    base: BaseInfo
     adapter_dir: Optional[Path] = None
     run: Optional[RunConfig] = None
-    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    settings: GenerationOptions = field(default_factory=GenerationOptions)
 
     def generate(self, prompt: str, *, system: str | None = None, stream: Callable[[str], None] | None = None) -> str:
         """The model's reply to a single user prompt."""
@@ -154,7 +110,7 @@ def load_model(
     device: str | None = None,
     force: bool = False,
     use_template: bool = True,
-    settings: GenerationSettings | None = None,
+    settings: GenerationOptions | None = None,
 ) -> LoadedModel:
     """Load a base in 4-bit, plus an adapter (folder or run folder) when given.
 
@@ -162,34 +118,32 @@ def load_model(
     base is quantized as the adapter's training quantized it. `force` loads an
     adapter onto a base whose fingerprint differs from the one it was trained on.
     """
-    adapter_dir = run = None
-    model_cfg, quant = ModelConfig(base=base) if base else None, QuantConfig()
-    if adapter is not None:
-        adapter_dir = find_adapter(adapter)
-        run = run_config_of(adapter_dir)
-        manifest = _manifest(adapter_dir)
-        recorded = _recorded_base(adapter_dir, run, manifest)
-        model_cfg = replace(recorded, base=base, revision=None) if base else recorded
-        quant = run.quant if run is not None else quant_config_from_description(manifest.get("quantization"))
-    if model_cfg is None:
+    record = AdapterRecord.read(adapter) if adapter is not None else None
+    if record is not None:
+        model_cfg, quant = record.base_model(base), record.quant_config()
+    elif base:
+        model_cfg, quant = ModelConfig(base=base), QuantConfig()
+    else:
         raise QLoRAKitError("name a base model with --base (a local folder, Hub id, .gguf file or "
                             "'smollm2-135m-instruct'), or give an adapter / run folder")
     if device:
         model_cfg = replace(model_cfg, device=device)
-    log.info("loading base %s%s", model_cfg.base, f" with adapter {adapter_dir}" if adapter_dir else "")
-    model, tokenizer = load_base(model_cfg, quant)
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir, strict_base=not force)
-    _use_generation_config(model)
+    log.info("loading base %s%s", model_cfg.base, f" with adapter {record.folder}" if record else "")
+    model, tokenizer, info = load_base(model_cfg, quant)
+    if record is not None:
+        load_adapter(model, record.folder, base=info, strict_base=not force)
+    _use_generation_config(model, info)
+    run = record.run if record is not None else None
     fmt = prompt_format(tokenizer, run.data if run is not None else None, use_template)
-    return LoadedModel(model, tokenizer, fmt, adapter_dir, run, settings or GenerationSettings())
+    return LoadedModel(model, tokenizer, fmt, info, record.folder if record else None, run,
+                       settings or GenerationOptions())
 
 
-def _use_generation_config(model) -> None:
+def _use_generation_config(model, base: BaseInfo) -> None:
     """The checkpoint's generation_config.json (stop tokens of chat models live there), if it has one."""
     from transformers import GenerationConfig
 
-    folder = Path(model.qlora_kit_base.folder)
+    folder = Path(base.folder)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
 
@@ -207,7 +161,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_text(model, tokenizer, text: str, settings: GenerationSettings, *, add_special_tokens: bool = True,
+def generate_text(model, tokenizer, text: str, settings: GenerationOptions, *, add_special_tokens: bool = True,
                   stream: Callable[[str], None] | None = None) -> str:
     """Continue `text` (already formatted) and return only the new text, special tokens removed."""
     device = next(model.parameters()).device

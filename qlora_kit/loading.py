@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import NamedTuple
 
 import torch
 from accelerate import init_empty_weights
@@ -23,31 +23,29 @@ from . import memory, quantization
 from .checkpoint import Checkpoint, resolve
 from .errors import QLoRAKitError
 from .lora import matches
-from .quantization import QuantConfig
+from .precision import torch_dtype
+from .settings import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ModelConfig:
-    """Which base to load and how."""
-
-    base: str = "smollm2-135m-instruct"  # local HF folder, Hub id, .gguf file, or 'smollm2-135m-instruct'
-    revision: Optional[str] = None  # Hub branch, tag or commit
-    trust_remote_code: bool = False  # run modelling code shipped with the checkpoint (only for sources you trust)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
-    device: Optional[str] = None  # 'cuda', 'cuda:1', 'cpu'; default: CUDA when present, else CPU
-
-
-@dataclass
 class BaseInfo:
-    """What the loaded model was built from; adapters record it in their manifest."""
+    """What a loaded base was built from; adapters record it in their manifest and check it on load."""
 
-    source: str
-    folder: str
-    fingerprint: str
+    source: str  # what the user named: folder, Hub id, .gguf file or packaged name
+    folder: str  # the local folder of safetensors shards it resolved to
+    fingerprint: str  # checkpoint.fingerprint(): identifies these exact weights
     model_type: str
-    quant: dict = field(default_factory=dict)
+    quant: dict = field(default_factory=dict)  # quantization.quant_record of how it was loaded
+
+
+class LoadedBase(NamedTuple):
+    """`load_base`'s result: `model, tokenizer, info = load_base(...)`."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    info: BaseInfo
 
 
 def default_device() -> torch.device:
@@ -57,11 +55,12 @@ def default_device() -> torch.device:
 def load_base(
     model: ModelConfig | str = ModelConfig(),
     quant: QuantConfig | None = None,
-) -> tuple[PreTrainedModel, "AutoTokenizer"]:
-    """Load a causal LM with its linear layers in 4-bit, and its tokenizer.
+) -> LoadedBase:
+    """Load a causal LM with its linear layers in 4-bit, its tokenizer, and a record of where it came from.
 
-    `model` is a `ModelConfig` or just the base's name. Every parameter is frozen;
-    `model.qlora_kit_base` records where it came from (a `BaseInfo`).
+    `model` is a `ModelConfig` or just the base's name. Every parameter is frozen.
+    Pass the returned `BaseInfo` to `save_adapter` / `load_adapter`, which record
+    and check it.
     """
     cfg = ModelConfig(base=model) if isinstance(model, str) else model
     quant = quant or QuantConfig()
@@ -75,15 +74,14 @@ def load_base(
     net.requires_grad_(False)
     net.eval()  # as from_pretrained returns it; training code switches to train mode itself
     quantization.guard_cpu_gradients(net)
-    net.qlora_kit_base = BaseInfo(
+    info = BaseInfo(
         source=checkpoint.source,
         folder=str(checkpoint.folder),
         fingerprint=checkpoint.fingerprint(),
         model_type=config.model_type,
-        quant=quant.describe(),
+        quant=quantization.quant_record(quant),
     )
-    tokenizer = load_tokenizer(checkpoint, cfg.trust_remote_code)
-    return net, tokenizer
+    return LoadedBase(net, load_tokenizer(checkpoint, cfg.trust_remote_code), info)
 
 
 def load_tokenizer(checkpoint: Checkpoint, trust_remote_code: bool = False):
@@ -104,7 +102,7 @@ def build_skeleton(config, quant: QuantConfig, cfg: ModelConfig = ModelConfig())
         try:
             net = AutoModelForCausalLM.from_config(
                 config,
-                dtype=quant.torch_compute_dtype,
+                dtype=torch_dtype(quant.compute_dtype),
                 attn_implementation=cfg.attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
             )
@@ -141,7 +139,7 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
                 f"expects {tuple(expected[name].shape)}: config.json and the weights disagree"
             )
         if quantization.is_4bit_linear(module) and leaf == "weight":
-            quantization.quantize_into(module, tensor.to(quant.torch_compute_dtype), device)
+            quantization.quantize_into(module, tensor.to(torch_dtype(quant.compute_dtype)), device)
         else:
             # copy=True: a view would keep the whole shard's memory map resident.
             value = tensor.to(device=device, dtype=_keep_dtype(tensor, quant), copy=True)
@@ -164,5 +162,5 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
 
 def _keep_dtype(tensor: torch.Tensor, quant: QuantConfig) -> torch.dtype:
     """Unquantized floating tensors go to the compute dtype; integer tensors stay as they are."""
-    return quant.torch_compute_dtype if tensor.is_floating_point() else tensor.dtype
+    return torch_dtype(quant.compute_dtype) if tensor.is_floating_point() else tensor.dtype
 

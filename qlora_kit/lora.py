@@ -8,64 +8,43 @@ what its base does. Only A and B are trainable.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
-from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from . import quantization
+from .config import from_dict, to_dict
 from .errors import QLoRAKitError
+from .settings import ALL_LINEAR, LoRAConfig
 
-ALL_LINEAR = "all-linear"
 
-
-@dataclass
-class LoRAConfig:
-    """Which layers get adapters, and their shape."""
-
-    rank: int = 16  # adapter rank r; higher = more capacity and memory
-    alpha: float = 32.0  # scale numerator: the update is (alpha / rank) · B A
-    dropout: float = 0.05  # dropout on the adapter's input during training
-    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])  # leaf names ('q_proj'), globs over full names, or 'all-linear'
-    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank), better for large ranks
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # adapter weights; auto = float32 (mixed precision keeps fp32 masters)
-
-    def problems(self) -> list[str]:
-        found = []
-        if self.rank < 1:
-            found.append(f"rank must be >= 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            found.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            found.append(f"target_modules is empty: name layers (e.g. [q_proj, v_proj]) or use [{ALL_LINEAR}]")
-        return found
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+def adapter_dtype(cfg: LoRAConfig) -> torch.dtype:
+    """The adapter weights' dtype: fp32 unless asked otherwise (mixed precision keeps fp32 masters)."""
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear (`Linear4bit` or `nn.Linear`) plus a trainable low-rank update."""
+    """A frozen linear (`Linear4bit` or `nn.Linear`) plus a trainable low-rank update.
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, dtype: torch.dtype = torch.float32):
+    The layer keeps the `LoRAConfig` it was built from (`config`): rank, alpha and
+    scaling are read from it, and saving an adapter reads it back from the layers.
+    """
+
+    def __init__(self, base: nn.Module, config: LoRAConfig):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank = rank
-        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
-        device = _device_of(base)
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.config = dataclasses.replace(config, target_modules=list(config.target_modules))
+        self.rank = config.rank
+        self.scaling = config.scaling
+        device, dtype = _device_of(base), adapter_dtype(config)
+        self.lora_A = nn.Linear(self.in_features, self.rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(self.rank, self.out_features, bias=False, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.disabled = False  # True: compute the base alone (e.g. for before/after comparisons)
         self.reset_parameters()
 
@@ -135,10 +114,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, targets: list[st
     `targets` (exact module names) overrides `cfg.target_modules`; loading an
     adapter uses it to recreate exactly the layers that were saved.
     """
-    cfg = cfg or LoRAConfig()
-    problems = cfg.problems()
-    if problems:
-        raise QLoRAKitError("invalid LoRA settings: " + "; ".join(problems))
+    cfg = from_dict(LoRAConfig, to_dict(cfg or LoRAConfig()), path_prefix="lora")  # the same checks as a recipe
     if any(True for _ in lora_layers(model)):
         raise QLoRAKitError("this model already has LoRA adapters; load a fresh base to apply new ones")
     names = targets if targets is not None else select_targets(model, cfg.target_modules)
@@ -149,10 +125,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, targets: list[st
             raise QLoRAKitError(f"{name} is a {type(base).__name__}, not a linear layer; LoRA wraps linear layers")
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora, cfg.torch_dtype)
+        layer = LoRALinear(base, cfg)
         layer.train(model.training)  # new modules start in train mode; keep an eval model's dropout off
         setattr(parent, leaf, layer)
-    model.qlora_kit_lora = cfg
     return model
 
 
@@ -160,6 +135,14 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+def adapter_config(model: nn.Module) -> LoRAConfig:
+    """The `LoRAConfig` of the model's adapters, read from its layers (every layer shares one)."""
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise QLoRAKitError("the model has no LoRA adapters; call apply_lora (or load_adapter) first")
+    return next(iter(layers.values())).config
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

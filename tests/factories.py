@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
-from qlora_kit.synthetic import write_random_checkpoint  # noqa: F401  (re-exported for tests)
+from benchmarks.synthetic import write_random_checkpoint  # noqa: F401  (re-exported for tests)
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

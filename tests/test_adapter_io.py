@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from qlora_kit import LoRAConfig, QLoRAKitError, QuantConfig, apply_lora, load_adapter, load_base, save_adapter
 from qlora_kit.adapter_io import MANIFEST_FILE
 from qlora_kit.lora import lora_layers
-from qlora_kit.quantization import guard_cpu_gradients
+from qlora_kit.quantization import guard_cpu_gradients, quant_record
 from tests.factories import tiny_llama_config, write_random_checkpoint
 
 
@@ -39,7 +39,7 @@ def logits(model, tokenizer, text="Adapters should travel between toolkits uncha
 
 
 def test_our_adapter_loads_into_peft_with_the_same_logits(tmp_path, smollm2_dir):
-    model, tokenizer = load_base(str(smollm2_dir))
+    model, tokenizer, _ = load_base(str(smollm2_dir))
     apply_lora(model, LoRAConfig(rank=8, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
     trained_looking(model)
     ours = logits(model, tokenizer)
@@ -61,7 +61,7 @@ def test_peft_adapter_loads_into_qlora_kit_with_the_same_logits(tmp_path, tiny_l
             torch.nn.init.normal_(param, std=0.05)
     peft_model.eval()
     peft_model.save_pretrained(tmp_path / "peft-adapter")
-    model, tokenizer = load_base(str(tiny_llama_dir))
+    model, tokenizer, _ = load_base(str(tiny_llama_dir))
     load_adapter(model, tmp_path / "peft-adapter")
     layers = dict(lora_layers(model))
     assert sorted(layers) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.k_proj", "mlp.up_proj"))
@@ -70,46 +70,47 @@ def test_peft_adapter_loads_into_qlora_kit_with_the_same_logits(tmp_path, tiny_l
 
 
 def test_round_trip_restores_exact_weights_and_manifest(tmp_path, tiny_llama_dir):
-    model, tokenizer = load_base(str(tiny_llama_dir))
+    model, tokenizer, base = load_base(str(tiny_llama_dir))
     apply_lora(model, LoRAConfig(rank=4, target_modules=["model.layers.1.*"]))
     trained_looking(model)
-    save_adapter(model, tmp_path / "a", extra={"step": 7})
+    save_adapter(model, tmp_path / "a", base=base, extra={"step": 7})
     manifest = json.loads((tmp_path / "a" / MANIFEST_FILE).read_text())
-    assert manifest["quantization"] == QuantConfig().describe()
+    assert manifest["quantization"] == quant_record(QuantConfig())
     assert manifest["quantization"]["blocksize"] == 64 and manifest["quantization"]["nested_blocksize"] == 256
-    assert manifest["base"]["fingerprint"] == model.qlora_kit_base.fingerprint
+    assert manifest["base"]["fingerprint"] == base.fingerprint
     assert set(manifest["versions"]) == {"qlora_kit", "torch", "bitsandbytes", "transformers"}
     assert manifest["step"] == 7
     # Layer-restricted targets are saved as an exact regex so PEFT wraps only those layers.
     target = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
     assert isinstance(target, str) and "model\\.layers\\.1\\.mlp\\.up_proj" in target
-    fresh, _ = load_base(str(tiny_llama_dir))
-    load_adapter(fresh, tmp_path / "a")
+    fresh, _, fresh_base = load_base(str(tiny_llama_dir))
+    load_adapter(fresh, tmp_path / "a", base=fresh_base)
     assert torch.equal(logits(fresh, tokenizer), logits(model, tokenizer))
 
 
 def test_adapter_for_another_base_is_refused_unless_forced(tmp_path, tiny_llama_dir):
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, base = load_base(str(tiny_llama_dir))
     apply_lora(model, LoRAConfig(rank=4))
-    save_adapter(model, tmp_path / "a")
+    save_adapter(model, tmp_path / "a", base=base)
     other = write_random_checkpoint(tmp_path / "other", tiny_llama_config(), seed=99, tokenizer_from=tiny_llama_dir)
+    other_model, _, other_base = load_base(str(other))
     with pytest.raises(QLoRAKitError, match="was trained on base"):
-        load_adapter(load_base(str(other))[0], tmp_path / "a")
+        load_adapter(other_model, tmp_path / "a", base=other_base)
     with pytest.warns(UserWarning, match="was trained on base"):
-        load_adapter(load_base(str(other))[0], tmp_path / "a", strict_base=False)
+        load_adapter(other_model, tmp_path / "a", base=other_base, strict_base=False)
 
 
 def test_different_quantization_warns(tmp_path, tiny_llama_dir):
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, base = load_base(str(tiny_llama_dir))
     apply_lora(model, LoRAConfig(rank=4))
-    save_adapter(model, tmp_path / "a")
-    fp4, _ = load_base(str(tiny_llama_dir), QuantConfig(quant_type="fp4"))
+    save_adapter(model, tmp_path / "a", base=base)
+    fp4, _, fp4_base = load_base(str(tiny_llama_dir), QuantConfig(quant_type="fp4"))
     with pytest.warns(UserWarning, match="quant_type"):
-        load_adapter(fp4, tmp_path / "a")
+        load_adapter(fp4, tmp_path / "a", base=fp4_base)
 
 
 def test_shape_mismatch_and_missing_files_are_clear(tmp_path, tiny_llama_dir):
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, _ = load_base(str(tiny_llama_dir))
     apply_lora(model, LoRAConfig(rank=4))
     save_adapter(model, tmp_path / "a")
     (tmp_path / "a" / MANIFEST_FILE).unlink()  # a plain PEFT folder: no fingerprint to compare
@@ -117,14 +118,49 @@ def test_shape_mismatch_and_missing_files_are_clear(tmp_path, tiny_llama_dir):
                                     tokenizer_from=tiny_llama_dir)
     with pytest.raises(QLoRAKitError, match="shape"):
         load_adapter(load_base(str(wider))[0], tmp_path / "a")
-    with pytest.raises(QLoRAKitError, match="adapter folder not found"):
+    with pytest.raises(QLoRAKitError, match="adapter or run folder not found"):
         load_adapter(load_base(str(tiny_llama_dir))[0], tmp_path / "missing")
 
 
 def test_saving_over_an_adapter_replaces_it_whole(tmp_path, tiny_llama_dir):
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, _ = load_base(str(tiny_llama_dir))
     apply_lora(model, LoRAConfig(rank=4))
     save_adapter(model, tmp_path / "a", extra={"step": 1})
     save_adapter(trained_looking(model), tmp_path / "a", extra={"step": 2})
     assert json.loads((tmp_path / "a" / MANIFEST_FILE).read_text())["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temp or old folders left
+
+
+def test_a_model_wrapped_by_hand_saves_without_a_base_record(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.adapter_io import AdapterRecord
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)  # not loaded by qlora_kit
+    apply_lora(model, LoRAConfig(rank=2, alpha=4, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    record = AdapterRecord.read(tmp_path / "a")
+    assert record.lora_config().rank == 2 and record.lora_config().scaling == 2.0
+    assert record.manifest["base"]["fingerprint"] is None and record.run is None
+
+
+def test_adapter_names_a_base_peft_can_load(tmp_path, smollm2_dir):
+    """The packaged model's name means nothing to PEFT; the converted folder does."""
+    from peft import AutoPeftModelForCausalLM
+
+    model, _, base = load_base("smollm2-135m-instruct")
+    apply_lora(model, LoRAConfig(rank=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a", base=base)
+    named = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str(smollm2_dir.resolve())
+    assert AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a") is not None
+
+
+def test_garbage_manifest_is_a_clear_error(tmp_path, tiny_llama_dir):
+    model, _, base = load_base(str(tiny_llama_dir))
+    apply_lora(model, LoRAConfig(rank=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a", base=base)
+    (tmp_path / "a" / MANIFEST_FILE).write_text("{not json")
+    fresh, _, fresh_base = load_base(str(tiny_llama_dir))
+    with pytest.raises(QLoRAKitError, match="qlora_kit.json is not valid JSON"):
+        load_adapter(fresh, tmp_path / "a", base=fresh_base)

@@ -165,10 +165,66 @@ def test_config_prints_every_documented_knob(capsys):
     out = capsys.readouterr().out
     for key in ("model.base", "quant.quant_type", "lora.rank", "data.packing", "train.learning_rate"):
         assert f"\n{key} (" in "\n" + out
-    assert "lora.rank (int, default 16): adapter rank" in out
+    assert "lora.rank (int >= 1, default 16): adapter rank" in out
+    assert "data:" in out and "data: the training data" in out  # every section documents itself
     assert main(["train", "--help-config"]) == 0
     assert capsys.readouterr().out == out
     assert main(["config", "train"]) == 0
     only_train = capsys.readouterr().out
     assert "train.max_steps" in only_train and "lora.rank" not in only_train
     assert main(["config", "nope"]) == 2
+
+
+def test_config_documents_each_command_from_its_declaration(capsys):
+    assert main(["config", "merge"]) == 0
+    out = capsys.readouterr().out
+    assert "min_agreement (float >= 0 and <= 1, default 0.98)" in out and "adapter (str, required)" in out
+
+
+# ---------------------------------------------------------------- options derived from declarations
+
+
+def test_command_options_are_checked_together_and_name_the_flag(capsys):
+    status = main(["merge", "a", "b", "--mode", "x", "--verify", "-1", "--min-agreement", "2", "--dtype", "bf16"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("error:") == 1 and "4 problems" in err
+    for line in ("--mode: expected one of nf4, original; got 'x'", "--verify: must be >= 0, got -1",
+                 "--min-agreement: must be >= 0 and <= 1", "--dtype: expected one of bfloat16, float16, float32"):
+        assert line in err
+    assert "qlora-kit merge --help" in err
+
+
+def test_text_options_keep_what_was_typed(tiny_llama_dir, capsys):
+    from qlora_kit.cli import build_parser, options_from_args
+    from qlora_kit.settings import GenerateOptions
+
+    args = build_parser().parse_args(["generate", "--base", str(tiny_llama_dir), "--prompt", "yes",
+                                      "--max-new-tokens", "7", "--no-chat-template"])
+    opts = options_from_args(GenerateOptions, args)
+    assert opts.prompt == "yes" and opts.max_new_tokens == 7 and opts.no_chat_template is True
+    assert opts.temperature == 0.0  # the declaration's default
+
+
+def test_train_flag_habit_gets_the_override_spelling(tmp_path, tiny_llama_dir, capsys):
+    recipe = _recipe(tmp_path, tiny_llama_dir, tmp_path / "data.jsonl")
+    assert main(["train", str(recipe), "--max-steps", "5"]) == 2
+    assert "train.max_steps=5" in capsys.readouterr().err
+
+
+def test_version_and_help_do_not_import_the_heavy_libraries():
+    result = _cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("qlora-kit ")
+    probe = subprocess.run([sys.executable, "-c", "import sys, qlora_kit.cli; "
+                            "print(sorted(m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules))"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip() == "[]"
+
+
+def test_eval_max_samples_takes_only_held_out_rows(tiny_run, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_run), "--max-samples", "2", "--json", str(out)]) == 0
+    capped = json.loads(out.read_text())
+    assert main(["eval", str(tiny_run), "--json", str(out)]) == 0
+    whole = json.loads(out.read_text())
+    assert capped["examples"] == 2 and whole["examples"] == 4  # 16 rows, eval_fraction 0.25
+    assert capped["data"] == "held-out split of the run"

@@ -19,7 +19,7 @@ ROWS = [{"instruction": f"Say {w} {'twice' if i % 2 else 'once'}", "input": "", 
 def test_loss_is_token_weighted_over_supervised_tokens(tmp_path, tiny_llama_dir):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    model, tokenizer = load_base(str(tiny_llama_dir))
+    model, tokenizer, _ = load_base(str(tiny_llama_dir))
     data = DataConfig(path=str(path), max_seq_len=64)
     result = evaluate_dataset(model, tokenizer, data, batch_size=3)
 

@@ -29,13 +29,13 @@ SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", 
 
 def make_adapter(base_dir: Path, folder: Path, *, seed: int = 0, rank: int = 4, targets=("all-linear",)) -> Path:
     """A trained-looking adapter: B ~ normal(0, 0.02) instead of zero, saved with its manifest."""
-    model, _ = load_base(str(base_dir))
+    model, _, base = load_base(str(base_dir))
     apply_lora(model, LoRAConfig(rank=rank, target_modules=list(targets)))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in lora_layers(model):
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.02)
-    return save_adapter(model, folder)
+    return save_adapter(model, folder, base=base)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def tiny_adapter(tmp_path_factory, tiny_llama_dir):
 
 def reference_logits(base_dir, adapter_dir, ids):
     """Base in 4-bit + adapter, computing in fp32 (what the merged fp32 model should reproduce)."""
-    model, _ = load_base(str(base_dir))
+    model, _, _ = load_base(str(base_dir))
     load_adapter(model, adapter_dir)
     to_fp32_compute(model).eval()  # eval: the LoRA dropout modules load_adapter adds start in training mode
     with torch.no_grad():
@@ -57,7 +57,7 @@ def reference_logits(base_dir, adapter_dir, ids):
 
 def test_nf4_merge_is_a_plain_checkpoint_matching_4bit_plus_adapter(tiny_llama_dir, tiny_adapter, tmp_path):
     out = tmp_path / "merged"
-    result = merge(tiny_adapter, out, verify_batches=2, progress=False)
+    result = merge(tiny_adapter, out, verify=2, progress=False)
     assert result.merged_modules == 14 and result.verification["passed"]
     assert {"config.json", "tokenizer.json", "chat_template.jinja", "verification.json", "verification.md"} <= set(
         os.listdir(out))
@@ -66,7 +66,7 @@ def test_nf4_merge_is_a_plain_checkpoint_matching_4bit_plus_adapter(tiny_llama_d
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
 
     # Weights: exactly the 4-bit base as loaded for training, plus scaling*B@A, rounded once.
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, _ = load_base(str(tiny_llama_dir))
     load_adapter(model, tiny_adapter)
     merged = load_file(out / "model.safetensors")
     layer = model.model.layers[1].mlp.down_proj
@@ -88,7 +88,7 @@ def test_nf4_merge_is_a_plain_checkpoint_matching_4bit_plus_adapter(tiny_llama_d
 def test_smollm2_merge_keeps_tied_embeddings_and_verifies(smollm2_dir, tmp_path):
     adapter = make_adapter(smollm2_dir, tmp_path / "adapter", targets=("q_proj", "v_proj", "down_proj"))
     out = tmp_path / "merged"
-    result = merge(adapter, out, verify_batches=1, max_shard_size="100MB", progress=False)
+    result = merge(adapter, out, verify=1, max_shard_size="100MB", progress=False)
     report = result.verification
     assert report["passed"] and report["metrics"]["top1_agreement"] > 0.99, report
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -110,18 +110,18 @@ def fp32_base_and_adapter(tmp_path_factory, smollm2_dir):
     return base, make_adapter(base, root / "adapter", seed=4)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_original_mode_equals_peft_merge_and_unload(fp32_base_and_adapter, tmp_path, dtype):
     from peft import PeftModel
 
     base, adapter = fp32_base_and_adapter
-    merge(adapter, tmp_path / "merged", mode="original", dtype=dtype, verify_batches=0, progress=False)
+    merge(adapter, tmp_path / "merged", mode="original", dtype=dtype, verify=0, progress=False)
     ours = load_file(tmp_path / "merged" / "model.safetensors")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
     theirs = peft_model.merge_and_unload().state_dict()
     assert set(ours) == set(theirs)
     for name, value in theirs.items():
-        if dtype == "fp32":
+        if dtype == "float32":
             torch.testing.assert_close(ours[name], value, atol=0, rtol=2e-7, msg=name)  # same fp32 arithmetic
         else:  # PEFT merges in fp32; ours is that sum rounded once to bf16
             assert torch.equal(ours[name], value.to(torch.bfloat16)), name
@@ -129,7 +129,7 @@ def test_original_mode_equals_peft_merge_and_unload(fp32_base_and_adapter, tmp_p
 
 def test_original_mode_verification_reports_drift_from_trained(fp32_base_and_adapter, tmp_path):
     _, adapter = fp32_base_and_adapter
-    result = merge(adapter, tmp_path / "merged", mode="original", dtype="fp32", verify_batches=1, progress=False)
+    result = merge(adapter, tmp_path / "merged", mode="original", dtype="float32", verify=1, progress=False)
     report = result.verification
     assert report["passed"] and report["metrics"]["top1_agreement"] == 1.0
     # Dropping the 4-bit error changes the function: reported, never a failure.
@@ -150,9 +150,9 @@ def test_refuses_a_base_with_another_fingerprint_unless_forced(tiny_adapter, tmp
     manifest["base"]["fingerprint"] = "sha256-sampled:" + "0" * 64
     (adapter / "qlora_kit.json").write_text(json.dumps(manifest))
     with pytest.raises(QLoRAKitError, match="trained on a different base.*--force"):
-        merge(adapter, tmp_path / "out", verify_batches=0, progress=False)
+        merge(adapter, tmp_path / "out", verify=0, progress=False)
     assert not (tmp_path / "out").exists()
-    merge(adapter, tmp_path / "out", verify_batches=0, force=True, progress=False)
+    merge(adapter, tmp_path / "out", verify=0, force=True, progress=False)
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -162,7 +162,7 @@ def test_refuses_a_base_with_a_missing_shard(tmp_path, smollm2_dir):
     adapter = make_adapter(base, tmp_path / "adapter")
     (base / "model-00002-of-{:05d}.safetensors".format(len(list(base.glob("model-*"))))).unlink()
     with pytest.raises(QLoRAKitError, match="missing shard"):
-        merge(adapter, tmp_path / "out", verify_batches=0, progress=False)
+        merge(adapter, tmp_path / "out", verify=0, progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -174,7 +174,7 @@ def test_refuses_adapter_shapes_or_modules_the_base_lacks(tiny_adapter, tmp_path
     tensors[key] = torch.zeros(4, 96)
     save_file(tensors, wrong_shape / weights_file)
     with pytest.raises(QLoRAKitError, match=r"q_proj has lora_A \(4, 96\).*base of another size"):
-        merge(wrong_shape, tmp_path / "out", verify_batches=0, progress=False)
+        merge(wrong_shape, tmp_path / "out", verify=0, progress=False)
 
     unknown = _copy_adapter(tiny_adapter, tmp_path / "unknown")
     tensors = load_file(unknown / weights_file)
@@ -183,7 +183,7 @@ def test_refuses_adapter_shapes_or_modules_the_base_lacks(tiny_adapter, tmp_path
             f"base_model.model.model.layers.0.mlp.up_proj.{part}.weight")
     save_file(tensors, unknown / weights_file)
     with pytest.raises(QLoRAKitError, match="layers.7.mlp.up_proj.*another architecture"):
-        merge(unknown, tmp_path / "out", verify_batches=0, progress=False)
+        merge(unknown, tmp_path / "out", verify=0, progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -195,9 +195,9 @@ def test_run_folder_overwrite_and_bad_arguments(tiny_adapter, tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("previous export")
     with pytest.raises(QLoRAKitError, match="already exists.*--overwrite"):
-        merge(run, out, verify_batches=0, progress=False)
+        merge(run, out, verify=0, progress=False)
     assert (out / "old.txt").is_file()
-    merge(run, out, verify_batches=0, overwrite=True, progress=False)
+    merge(run, out, verify=0, overwrite=True, progress=False)
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     with pytest.raises(QLoRAKitError, match="neither an adapter folder.*nor a run folder"):
         merge(tmp_path, tmp_path / "x", progress=False)
@@ -209,7 +209,7 @@ def test_run_folder_overwrite_and_bad_arguments(tiny_adapter, tmp_path):
 
 def test_failed_verification_leaves_no_export(tiny_adapter, tmp_path):
     with pytest.raises(QLoRAKitError, match="verification failed, export not written"):
-        merge(tiny_adapter, tmp_path / "out", verify_batches=1, min_agreement=1.01, progress=False)
+        merge(tiny_adapter, tmp_path / "out", verify=1, min_agreement=1.01, progress=False)
     assert os.listdir(tmp_path) == []
 
 
@@ -236,7 +236,7 @@ def large_base(tmp_path_factory, smollm2_dir):
 def write_adapter_files(base_dir: Path, folder: Path, rank: int, seed: int = 0) -> Path:
     """An adapter on every projection, written directly as save_adapter would (no 4-bit load: fast)."""
     from qlora_kit.checkpoint import resolve
-    from qlora_kit.quantization import QuantConfig
+    from qlora_kit.quantization import QuantConfig, quant_record
 
     checkpoint = resolve(str(base_dir))
     gen = torch.Generator().manual_seed(seed)
@@ -253,7 +253,7 @@ def write_adapter_files(base_dir: Path, folder: Path, rank: int, seed: int = 0) 
         "bias": "none", "base_model_name_or_path": str(base_dir)}))
     (folder / "qlora_kit.json").write_text(json.dumps({
         "base": {"source": str(base_dir), "folder": str(checkpoint.folder), "fingerprint": checkpoint.fingerprint()},
-        "quantization": QuantConfig().describe()}))
+        "quantization": quant_record(QuantConfig())}))
     return folder
 
 
@@ -278,7 +278,7 @@ def peak():  # VmHWM: peak resident set since the last reset
             return int(line.split()[1]) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS, after imports
 baseline = psutil.Process().memory_info().rss
-merge(sys.argv[1], sys.argv[2], verify_batches=0, max_shard_size=int(sys.argv[3]), progress=False)
+merge(sys.argv[1], sys.argv[2], verify=0, max_shard_size=int(sys.argv[3]), progress=False)
 print(json.dumps({"baseline": baseline, "peak": peak()}))
 """
 
@@ -305,7 +305,7 @@ def test_merge_peak_ram_stays_near_two_shards(large_base, tmp_path):
 KILLABLE = """
 import sys
 from qlora_kit.export import merge
-merge(sys.argv[1], sys.argv[2], mode="original", verify_batches=0, overwrite=True, max_shard_size=5_000_000,
+merge(sys.argv[1], sys.argv[2], mode="original", verify=0, overwrite=True, max_shard_size=5_000_000,
       progress=False)
 """
 
@@ -335,14 +335,14 @@ def test_killed_merge_leaves_no_export_or_the_previous_one(large_base, tmp_path)
     assert not out.exists()
     assert len(list(tmp_path.glob(".out.tmp-*"))) == 1  # the killed process's staging folder
 
-    merge(adapter, out, mode="original", verify_batches=0, max_shard_size=50_000_000, progress=False)
+    merge(adapter, out, mode="original", verify=0, max_shard_size=50_000_000, progress=False)
     assert not list(tmp_path.glob(".out.tmp-*")), "the leftover staging folder is cleaned up"
     before = _snapshot(out)
     _kill_after_first_shard(adapter, out)
     assert _snapshot(out) == before  # the previous export is untouched
     assert AutoModelForCausalLM.from_pretrained(out) is not None
 
-    merge(adapter, out, mode="original", verify_batches=0, overwrite=True, progress=False)
+    merge(adapter, out, mode="original", verify=0, overwrite=True, progress=False)
     assert not list(tmp_path.glob(".out.tmp-*")) and (out / "model.safetensors").is_file()
 
 
@@ -362,7 +362,7 @@ def test_dequantize_transformers_4bit_checkpoint_round_trip(tiny_llama_dir, tmp_
     result = dequantize(tmp_path / "4bit", tmp_path / "plain", progress=False)
     assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.bfloat16)
-    ours, _ = load_base(str(tiny_llama_dir))
+    ours, _, _ = load_base(str(tiny_llama_dir))
     weights = plain.state_dict()
     for name, module in ours.named_modules():
         if is_4bit_linear(module):
@@ -394,21 +394,22 @@ def test_dequantize_refuses_a_plain_checkpoint(tiny_llama_dir, tmp_path):
 
 
 def test_merge_script_end_to_end(tiny_adapter, tmp_path, capsys):
-    from qlora_kit.export_cli import DEQUANTIZE_HELP, build_dequantize_parser, main_merge, run_script
-    from qlora_kit.export_cli import build_merge_parser
+    from qlora_kit.cli import main
 
     help_text = subprocess.run([sys.executable, "tools/merge_adapter.py", "--help"], cwd=REPO, env=SUBPROCESS_ENV,
                                capture_output=True, text=True)
     assert help_text.returncode == 0 and "--mode" in help_text.stdout and "original" in help_text.stdout
     run = subprocess.run([sys.executable, "tools/merge_adapter.py", str(tiny_adapter), str(tmp_path / "out"),
-                          "--verify", "1", "--dtype", "fp32"],
+                          "--verify", "1", "--dtype", "float32"],
                          cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "merged 14 adapter modules" in run.stdout and "passed" in run.stdout
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.float32
 
-    # A user error: one line on stderr, exit status 2 (the scripts are run_script over these).
-    status = run_script(build_merge_parser, main_merge, "", [str(tiny_adapter), str(tmp_path / "out")])
+    # A user error: one line on stderr, exit status 2 (the scripts are the CLI's commands).
+    status = main(["merge", str(tiny_adapter), str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and err[-1].startswith("error: ") and "--overwrite" in err[-1]
-    assert "4-bit" in build_dequantize_parser(__import__("argparse").ArgumentParser()).format_help() + DEQUANTIZE_HELP
+    dequantize_help = subprocess.run([sys.executable, "tools/dequantize.py", "--help"], cwd=REPO, env=SUBPROCESS_ENV,
+                                     capture_output=True, text=True)
+    assert dequantize_help.returncode == 0 and "4-bit" in dequantize_help.stdout

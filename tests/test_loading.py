@@ -23,7 +23,7 @@ def greedy_answer(model, tokenizer, question, tokens=12):
 
 
 def test_smollm2_package_loads_in_4bit_and_answers_sensibly(smollm2_4bit):
-    model, tokenizer = smollm2_4bit
+    model, tokenizer, _ = smollm2_4bit
     assert sum(is_4bit_linear(m) for m in model.modules()) == 210
     assert "Paris" in greedy_answer(model, tokenizer, "What is the capital of France?")
 
@@ -40,8 +40,8 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path, tiny_llama_dir):
     sharded = write_random_checkpoint(tmp_path / "sharded", config, seed=3, shard_bytes=20_000,
                                       tokenizer_from=tiny_llama_dir)
     assert len(resolve(str(sharded)).shards) > 3
-    a, _ = load_base(str(single))
-    b, _ = load_base(str(sharded))
+    a, _, _ = load_base(str(single))
+    b, _, _ = load_base(str(sharded))
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
 
@@ -58,7 +58,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     from qlora_kit.memory import peak_rss_mb
     from qlora_kit.quantization import is_4bit_linear, quantized_bytes
     before = peak_rss_mb()
-    model, _ = load_base(sys.argv[1])
+    model, _, _ = load_base(sys.argv[1])
     plain = sum(p.numel() * p.element_size() for m in model.modules() if not is_4bit_linear(m)
                 for p in m.parameters(recurse=False))
     model_mb = (quantized_bytes(model) + plain) / 2**20

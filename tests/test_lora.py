@@ -13,7 +13,7 @@ from qlora_kit.lora import lora_layers, parameter_counts, select_targets
 def test_forward_is_base_plus_scaled_low_rank_update():
     torch.manual_seed(0)
     base = nn.Linear(12, 7)
-    layer = LoRALinear(base, rank=3, alpha=6.0)
+    layer = LoRALinear(base, LoRAConfig(rank=3, alpha=6.0, dropout=0.0))
     nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(2, 5, 12)
     expected = base(x) + (6.0 / 3) * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
@@ -22,7 +22,7 @@ def test_forward_is_base_plus_scaled_low_rank_update():
 
 
 def test_rslora_scaling_and_initialisation():
-    layer = LoRALinear(nn.Linear(64, 32), rank=16, alpha=8.0, use_rslora=True)
+    layer = LoRALinear(nn.Linear(64, 32), LoRAConfig(rank=16, alpha=8.0, dropout=0.0, use_rslora=True))
     assert layer.scaling == pytest.approx(8.0 / math.sqrt(16))
     assert torch.count_nonzero(layer.lora_B.weight) == 0
     bound = 1 / math.sqrt(64)  # kaiming_uniform with a=sqrt(5) on fan_in 64
@@ -31,7 +31,7 @@ def test_rslora_scaling_and_initialisation():
 
 
 def test_wrapped_4bit_model_starts_identical_to_its_base(smollm2_dir):
-    model, tokenizer = load_base(str(smollm2_dir))
+    model, tokenizer, _ = load_base(str(smollm2_dir))
     ids = tokenizer("Fine-tuning starts from the base model.", return_tensors="pt")
     with torch.no_grad():
         before = model(**ids).logits
@@ -52,7 +52,7 @@ def test_wrapped_4bit_model_starts_identical_to_its_base(smollm2_dir):
 
 
 def test_target_patterns(tiny_llama_dir):
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, _ = load_base(str(tiny_llama_dir))
     assert select_targets(model, ["q_proj", "v_proj"]) == [
         "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
@@ -64,13 +64,13 @@ def test_target_patterns(tiny_llama_dir):
 
 
 def test_wrong_target_name_lists_the_real_ones(tiny_llama_dir):
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, _ = load_base(str(tiny_llama_dir))
     with pytest.raises(QLoRAKitError, match=r"\['qproj'\] match no linear layer.*q_proj"):
         apply_lora(model, LoRAConfig(target_modules=["qproj"]))
 
 
 def test_only_adapters_train_and_gradients_reach_them(tiny_llama_dir):
-    model, tokenizer = load_base(str(tiny_llama_dir))
+    model, tokenizer, _ = load_base(str(tiny_llama_dir))
     apply_lora(model, LoRAConfig(rank=4, dropout=0.0))
     model.train()
     ids = tokenizer("gradient check", return_tensors="pt")

@@ -30,7 +30,7 @@ def test_fused_loss_and_gradient_match_plain_cross_entropy(softcap, dtype):
 
 
 def test_supervised_loss_equals_transformers_loss_and_gradients(tiny_llama_dir):
-    model, tokenizer = load_base(str(tiny_llama_dir))
+    model, tokenizer, _ = load_base(str(tiny_llama_dir))
     apply_lora(model, LoRAConfig(rank=4, dropout=0.0))
     for _, layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)

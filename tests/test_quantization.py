@@ -29,7 +29,7 @@ def test_nf4_double_quant_is_bit_identical_to_transformers(smollm2_dir, smollm2_
 
 @pytest.mark.parametrize("quant_type,double_quant", [("fp4", True), ("nf4", False)])
 def test_other_settings_match_transformers(tiny_llama_dir, quant_type, double_quant):
-    ours, _ = load_base(str(tiny_llama_dir), QuantConfig(quant_type=quant_type, double_quant=double_quant))
+    ours, _, _ = load_base(str(tiny_llama_dir), QuantConfig(quant_type=quant_type, double_quant=double_quant))
     theirs = transformers_4bit(tiny_llama_dir, quant_type, double_quant).state_dict()
     for key, value in theirs.items():
         assert torch.equal(ours.state_dict()[key], value), key
@@ -61,7 +61,7 @@ def test_unquantized_modules_stay_in_compute_dtype(smollm2_4bit):
 def test_dequantized_weight_is_close_to_the_original(tiny_llama_dir):
     from safetensors.torch import load_file
 
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, _ = load_base(str(tiny_llama_dir))
     original = load_file(tiny_llama_dir / "model.safetensors")["model.layers.0.mlp.down_proj.weight"].float()
     restored = dequantize_weight(model.model.layers[0].mlp.down_proj).float()
     # NF4 keeps roughly 1/16 of a block's absmax as resolution: errors are small but non-zero.
@@ -71,7 +71,7 @@ def test_dequantized_weight_is_close_to_the_original(tiny_llama_dir):
 
 def test_generate_then_train_still_gives_lora_gradients(tiny_llama_dir):
     """Guards the bitsandbytes CPU bug: an eval no-grad forward must not freeze 4-bit layers."""
-    model, tokenizer = load_base(str(tiny_llama_dir))
+    model, tokenizer, _ = load_base(str(tiny_llama_dir))
     assert all(m.support_avx512bf16_for_cpu is False for m in model.modules() if is_4bit_linear(m))
     apply_lora(model, LoRAConfig(rank=4, target_modules=["q_proj", "v_proj"], dropout=0.0))
     ids = tokenizer("a short prompt", return_tensors="pt")
@@ -91,7 +91,7 @@ def test_generate_then_train_still_gives_lora_gradients(tiny_llama_dir):
 def test_cuda_quantization_matches_transformers(tiny_llama_dir):
     from qlora_kit import ModelConfig
 
-    ours, _ = load_base(ModelConfig(base=str(tiny_llama_dir), device="cuda"))
+    ours, _, _ = load_base(ModelConfig(base=str(tiny_llama_dir), device="cuda"))
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.bfloat16)
     theirs = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config, dtype=torch.bfloat16,
@@ -105,7 +105,7 @@ def test_cuda_quantization_matches_transformers(tiny_llama_dir):
 def test_cuda_bf16_forward_and_backward(tiny_llama_dir):
     from qlora_kit import ModelConfig
 
-    model, tokenizer = load_base(ModelConfig(base=str(tiny_llama_dir), device="cuda"))
+    model, tokenizer, _ = load_base(ModelConfig(base=str(tiny_llama_dir), device="cuda"))
     apply_lora(model, LoRAConfig(rank=4, dtype="bfloat16"))
     model.train()
     ids = tokenizer("hello there", return_tensors="pt").to("cuda")

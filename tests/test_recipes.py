@@ -18,7 +18,7 @@ from qlora_kit.loading import build_skeleton
 from qlora_kit.lora import select_targets
 from qlora_kit.packaged import SMOLLM2_NAME
 from qlora_kit.quantization import is_4bit_linear
-from qlora_kit.recipe import load_recipe
+from qlora_kit.settings import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 

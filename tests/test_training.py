@@ -29,8 +29,9 @@ from qlora_kit.data import DataConfig, collate, prepare_data, supervised_count
 from qlora_kit.lora import LoRAConfig, lora_layers, trainable_parameters
 from qlora_kit.losses import SupervisedLoss
 from qlora_kit.quantization import QuantConfig
-from qlora_kit.recipe import load_recipe
-from qlora_kit.training import TrainConfig, _accumulate, make_optimizer, make_scheduler, train
+from qlora_kit.settings import load_recipe
+from qlora_kit.settings import TrainConfig
+from qlora_kit.training import _accumulate, make_optimizer, make_scheduler, train
 from qlora_kit.training_state import LoopState, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.factories import tiny_llama_config, write_random_checkpoint
 
@@ -67,13 +68,14 @@ def metrics(out: Path) -> list[dict]:
 
 
 def expected_factor(k: int, kind: str, warmup: int, total: int) -> float:
-    """The documented schedule: linear warmup that reaches the peak at update `warmup`, then decay to 0 at `total`.
+    """The documented schedule (transformers' get_scheduler, as HF Trainer uses it): linear warmup
+    that reaches the peak at update `warmup`, then decay to 0 at `total`.
 
-    Update k (0-based) uses peak * factor(k); warmup is (k+1)/(warmup+1) so no update runs at lr 0.
+    Update k (0-based) uses peak * factor(k); warmup is k/warmup, so the first warmup update runs at lr 0.
     """
     warmup = min(warmup, total)
     if k < warmup:
-        return (k + 1) / (warmup + 1)
+        return k / warmup
     if kind == "constant":
         return 1.0
     p = min((k - warmup) / max(total - warmup, 1), 1.0)
@@ -285,7 +287,7 @@ def fresh_accelerator_state():
 def test_accumulated_gradients_equal_one_big_token_normalised_batch(tiny_llama_dir, tmp_path, fresh_accelerator_state):
     from accelerate import Accelerator
 
-    model, tokenizer = load_base(str(tiny_llama_dir), QuantConfig(compute_dtype="float32"))
+    model, tokenizer, _ = load_base(str(tiny_llama_dir), QuantConfig(compute_dtype="float32"))
     torch.manual_seed(0)
     apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0))
     for _, layer in lora_layers(model):  # B = 0 would give A no gradient
@@ -336,7 +338,7 @@ def test_accumulated_gradients_equal_one_big_token_normalised_batch(tiny_llama_d
 KILLABLE = """
 import sys, time
 import qlora_kit.training as training
-from qlora_kit.recipe import load_recipe
+from qlora_kit.settings import load_recipe
 
 real = training._accumulate
 def slow(*args):  # a slow step, so the kill lands between checkpoints as in a real run
@@ -474,7 +476,8 @@ def test_schedule_matches_formula(kind, warmup, total):
     for k, lr in enumerate(used):
         assert lr == pytest.approx(0.5 * expected_factor(k, kind, warmup, total), rel=1e-12, abs=1e-15), (k, lr)
     # Properties that do not depend on how the formula is written:
-    assert all(0 < lr <= 0.5 for lr in used)  # no update at lr 0, none above the peak
+    assert all(0 <= lr <= 0.5 for lr in used)  # none above the peak
+    assert all(lr > 0 for lr in used[1:]) and (used[0] > 0) == (w == 0)  # only a warmup's first update is at 0
     assert all(b > a for a, b in zip(used[:w], used[1:w + 1]))  # warmup rises
     if w < total:
         assert used[w] == pytest.approx(0.5)  # peak right after warmup
@@ -501,8 +504,8 @@ def test_schedule_at_named_steps():
         return out
 
     cosine, linear, constant = lrs("cosine"), lrs("linear"), lrs("constant")
-    assert cosine[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
-    assert linear[:5] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3])
+    assert cosine[:5] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert linear[:5] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
     # 10 decay steps: update 4+d is at progress d/10.
     assert cosine[9] == pytest.approx(5e-4) and linear[9] == pytest.approx(5e-4)
     assert cosine[6] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.2)))  # 9.045e-4
@@ -517,13 +520,13 @@ def test_schedule_at_named_steps():
 
 @pytest.fixture
 def small_trainable(tiny_llama_dir):
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, base = load_base(str(tiny_llama_dir))
     torch.manual_seed(0)
     apply_lora(model, LoRAConfig(rank=2, target_modules=["q_proj"]))
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-2)
     sched = make_scheduler(TrainConfig(learning_rate=1e-2, warmup_steps=2), opt, 10)
-    return model, params, opt, sched
+    return model, base, params, opt, sched
 
 
 def _fake_step(params, opt, sched):
@@ -535,11 +538,11 @@ def _fake_step(params, opt, sched):
 
 
 def test_checkpoint_rotation_keeps_the_newest(small_trainable, tmp_path):
-    model, params, opt, sched = small_trainable
+    model, base, params, opt, sched = small_trainable
     root = tmp_path / "checkpoints"
     for step in range(1, 6):
         _fake_step(params, opt, sched)
-        path = save_checkpoint(root, model, opt, sched, LoopState(step=step, batch_in_epoch=step), keep=2)
+        path = save_checkpoint(root, model, base, opt, sched, LoopState(step=step, batch_in_epoch=step), keep=2)
         assert path == root / f"step-{step:06d}"
     assert sorted(p.name for p in root.iterdir()) == ["step-000004", "step-000005"]
     assert list_checkpoints(root) == [root / "step-000004", root / "step-000005"]
@@ -553,17 +556,17 @@ def test_checkpoint_rotation_keeps_the_newest(small_trainable, tmp_path):
     assert list_checkpoints(root) == [root / "step-000004", root / "step-000005"]
     # Steps sort as numbers, not strings.
     _fake_step(params, opt, sched)
-    save_checkpoint(root, model, opt, sched, LoopState(step=1000000), keep=3)
+    save_checkpoint(root, model, base, opt, sched, LoopState(step=1000000), keep=3)
     assert list_checkpoints(root) == [root / "step-000004", root / "step-000005", root / "step-1000000"]
     assert list_checkpoints(tmp_path / "missing") == []
 
 
 def test_checkpoint_restores_weights_optimizer_scheduler_and_rng(small_trainable, tmp_path):
-    model, params, opt, sched = small_trainable
+    model, base, params, opt, sched = small_trainable
     for _ in range(3):
         _fake_step(params, opt, sched)
     state = LoopState(step=3, epoch=1, batch_in_epoch=2, tokens_seen=123, elapsed_s=4.5)
-    folder = save_checkpoint(tmp_path, model, opt, sched, state, keep=1)
+    folder = save_checkpoint(tmp_path, model, base, opt, sched, state, keep=1)
     weights = [p.detach().clone() for p in params]
     exp_avg = [opt.state[p]["exp_avg"].clone() for p in params]
     lr = opt.param_groups[0]["lr"]
@@ -584,9 +587,9 @@ def test_checkpoint_restores_weights_optimizer_scheduler_and_rng(small_trainable
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
 def test_corrupt_checkpoint_is_a_clear_error(small_trainable, tmp_path, damage):
-    model, params, opt, sched = small_trainable
+    model, base, params, opt, sched = small_trainable
     _fake_step(params, opt, sched)
-    folder = save_checkpoint(tmp_path, model, opt, sched, LoopState(step=1), keep=1)
+    folder = save_checkpoint(tmp_path, model, base, opt, sched, LoopState(step=1), keep=1)
     data = (folder / "optimizer.pt").read_bytes()
     damaged = {"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not a checkpoint"}[damage]
     (folder / "optimizer.pt").write_bytes(damaged)

@@ -30,7 +30,7 @@ def adapter(tmp_path_factory, tiny_llama_dir):
 
 def test_dequantized_fp32_forward_is_exact(tiny_llama_dir):
     """Guards the reference: bitsandbytes' fused CPU kernel rounds activations even in fp32 compute."""
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, _ = load_base(str(tiny_llama_dir))
     layer = model.model.layers[0].mlp.down_proj
     x = torch.randn(3, 17, layer.in_features)
     assert compute_with_dequantized_weights(model) == 14
@@ -39,7 +39,7 @@ def test_dequantized_fp32_forward_is_exact(tiny_llama_dir):
 
 
 def test_identical_models_agree_completely(tiny_4bit):
-    model, tokenizer = tiny_4bit
+    model, tokenizer, _ = tiny_4bit
     batches = token_batches(tokenizer, ["a short text about cats and dogs"], batches=1, seq_len=16, batch_size=2)
     metrics = compare(model, model, batches)
     assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_logit_diff"] == 0.0
@@ -48,7 +48,7 @@ def test_identical_models_agree_completely(tiny_4bit):
 
 
 def test_token_batches_repeat_short_text_and_builtin_text_is_varied(tiny_4bit):
-    _, tokenizer = tiny_4bit
+    _, tokenizer, _ = tiny_4bit
     batches = token_batches(tokenizer, ["hello world"], batches=3)
     assert len(batches) == 3 and all(b.shape == (4, 128) for b in batches)
     builtin = token_batches(tokenizer, list(BUILTIN_TEXTS), batches=1)[0]
@@ -77,7 +77,7 @@ def test_load_texts_from_files(tmp_path):
 def test_merge_writes_reports_from_a_verify_file(adapter, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("The quick brown fox jumps over the lazy dog.\n\nA second, different paragraph of text.")
-    result = merge(adapter, tmp_path / "out", dtype="fp32", verify_batches=1, verify_texts=texts, progress=False)
+    result = merge(adapter, tmp_path / "out", dtype="float32", verify=1, verify_file=texts, progress=False)
     report = json.loads((tmp_path / "out" / "verification.json").read_text())
     assert report["passed"] and report["texts"] == str(texts) and report == result.verification
     # fp32 weights: only summation order differs from the 4-bit reference.
@@ -87,19 +87,20 @@ def test_merge_writes_reports_from_a_verify_file(adapter, tmp_path):
 
 
 def test_verification_catches_a_merge_of_the_wrong_adapter(adapter, tiny_llama_dir, tmp_path):
-    merge(adapter, tmp_path / "out", verify_batches=0, progress=False)
+    merge(adapter, tmp_path / "out", verify=0, progress=False)
     other = shutil.copytree(adapter, tmp_path / "other")
     weights = load_file(other / "adapter_model.safetensors")
     save_file({k: v * 3 if ".lora_B." in k else v for k, v in weights.items()}, other / "adapter_model.safetensors")
     manifest = json.loads((other / "qlora_kit.json").read_text())
-    report = verify_export(tmp_path / "out", other, tiny_llama_dir, manifest["quantization"], batches=1)
+    report = verify_export(tmp_path / "out", other, tiny_llama_dir, manifest["quantization"], mode="nf4", batches=1,
+                           min_agreement=0.98)
     assert not report["passed"] and report["metrics"]["top1_agreement"] < 0.98
     write_report(tmp_path, report)
     assert "FAILED" in (tmp_path / "verification.md").read_text()
 
 
 def test_fp32_compute_upcasts_everything_but_4bit_storage(tiny_llama_dir):
-    model, _ = load_base(str(tiny_llama_dir))
+    model, _, _ = load_base(str(tiny_llama_dir))
     packed = model.model.layers[0].self_attn.q_proj.weight
     to_fp32_compute(model)
     assert model.model.embed_tokens.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Turn a bitsandbytes 4-bit checkpoint into a plain 16/32-bit Hugging Face checkpoint (see --help)."""
+"""Turn a bitsandbytes 4-bit checkpoint into a plain 16/32-bit Hugging Face checkpoint (see --help).
+
+The same as `qlora-kit dequantize`, runnable from a checkout without installing.
+"""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qlora_kit.export_cli import DEQUANTIZE_HELP, build_dequantize_parser, main_dequantize, run_script  # noqa: E402
+from qlora_kit.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_script(build_dequantize_parser, main_dequantize, DEQUANTIZE_HELP))
+    sys.exit(main(["dequantize", *sys.argv[1:]]))

@@ -1,0 +1,266 @@
+"""Every setting qlora_kit takes, declared once: the config sections of a run and the options of each command.
+
+Each field is written once, here, with its type, default, range and a comment
+that documents it. Everything else is derived from these declarations: recipe
+YAML files and `section.key=value` overrides (`qlora_kit.config`), the command
+line's flags and `--help` (`qlora_kit.cli`), and `qlora-kit config`. This module
+imports nothing heavy (no torch), so the command line starts fast; dtype names
+become torch dtypes in `qlora_kit.precision`.
+
+Dtypes are spelled as torch names everywhere (`bfloat16`, `float16`, `float32`);
+`train.mixed_precision` is a mode in Accelerate's vocabulary (`bf16`, `fp16`, `no`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .config import bounded, load_config, positional
+
+ALL_LINEAR = "all-linear"
+FloatDtype = Literal["bfloat16", "float16", "float32"]
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+
+
+# ---------------------------------------------------------------- a training run
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load, and how."""
+
+    base: str = "smollm2-135m-instruct"  # local HF folder, Hub id, .gguf file, or 'smollm2-135m-instruct'
+    revision: Optional[str] = None  # Hub branch, tag or commit
+    trust_remote_code: bool = False  # run modelling code shipped with the checkpoint (only for sources you trust)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
+    device: Optional[str] = None  # 'cuda', 'cuda:1', 'cpu'; default: CUDA when present, else CPU
+
+
+@dataclass
+class QuantConfig:
+    """How the frozen base is stored in 4-bit and computed."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4-bit data type; NF4 suits normally distributed weights
+    double_quant: bool = True  # quantize the per-block constants too (~0.37 bits/param saved)
+    compute_dtype: FloatDtype = "bfloat16"  # dtype of matmuls and unquantized modules
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"  # container dtype; bfloat16 for FSDP
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])  # linears kept unquantized, in compute_dtype
+
+
+@dataclass
+class LoRAConfig:
+    """Which layers get adapters, and their shape."""
+
+    rank: int = bounded(16, ge=1)  # adapter rank r; higher = more capacity and memory
+    alpha: float = bounded(32.0, gt=0)  # scale numerator: the update is (alpha / rank) · B A
+    dropout: float = bounded(0.05, ge=0, lt=1)  # dropout on the adapter's input during training
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])  # leaf names ('q_proj'), globs over full names, or 'all-linear'
+    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank), better for large ranks
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # adapter weights; auto = float32 (mixed precision keeps fp32 masters)
+
+    def problems(self) -> list[str]:
+        if not self.target_modules:
+            return [f"target_modules is empty: name layers (e.g. [q_proj, v_proj]) or use [{ALL_LINEAR}]"]
+        return []
+
+    @property
+    def scaling(self) -> float:
+        """The factor on B·A: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+@dataclass
+class DataConfig:
+    """Where the training data comes from and how rows become token sequences."""
+
+    path: str = ""  # a .jsonl/.json/.csv/.parquet file, or a Hub dataset name such as "tatsu-lab/alpaca"
+    format: Literal["instruction", "chat", "text"] = "instruction"  # instruction: instruction/input/output; chat: messages (or ShareGPT conversations); text: text
+    split: str = "train"  # which split of a Hub dataset to read (local files are read whole)
+    eval_file: Optional[str] = None  # a held-out file in the same format; when set, eval_fraction is ignored
+    eval_fraction: float = bounded(0.05, ge=0, lt=1)  # share of rows carved off (seeded) as the held-out set when there is no eval_file; 0 for none
+    max_seq_len: int = bounded(1024, ge=2)  # tokens per example (or per packed row); longer examples are cut at the end
+    packing: bool = False  # concatenate examples into rows of up to max_seq_len, each attending only to itself
+    train_on_prompt: bool = False  # also take loss on prompt / user / system tokens, not just responses
+    prompt_style: Literal["auto", "chat_template", "alpaca"] = "auto"  # instruction rows: auto = tokenizer's chat template if it has one, else the Alpaca prompt
+    chat_template: Optional[str] = None  # override or supply a chat template: "chatml" or a Jinja string; None = the tokenizer's own
+    max_samples: Optional[int] = bounded(None, ge=1)  # use only the first N rows of the file (quick runs)
+
+    def problems(self) -> list[str]:
+        if not self.path:
+            return ["path is empty: give a .jsonl/.json/.csv/.parquet file or a Hub dataset name"]
+        return []
+
+
+@dataclass
+class TrainConfig:
+    """How to train: steps, batch, optimizer, schedule, evaluation and checkpoints."""
+
+    output_dir: str = "runs/run"  # the run folder: config, metrics, adapter, checkpoints, plots
+    seed: int = 0  # seeds data order, adapter init and dropout
+    max_steps: Optional[int] = bounded(None, ge=1)  # optimizer steps; default: num_epochs over the training set
+    num_epochs: int = bounded(1, ge=1)  # passes over the training set when max_steps is not set
+    batch_size: int = bounded(4, ge=1)  # examples per micro-batch (per process)
+    gradient_accumulation_steps: int = bounded(1, ge=1)  # micro-batches per optimizer step (loss normalised by all their tokens)
+    learning_rate: float = bounded(2e-4, gt=0)  # peak learning rate
+    weight_decay: float = bounded(0.0, ge=0)  # AdamW decoupled weight decay on adapter weights
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup (transformers' schedules; the logged lr is the rate after each step)
+    warmup_steps: int = bounded(10, ge=0)  # linear warmup from 0 to learning_rate
+    max_grad_norm: float = bounded(1.0, ge=0)  # clip the global gradient norm; 0 disables
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "auto"  # auto: paged_adamw_8bit on CUDA, adamw on CPU
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 where supported, else fp16 (CUDA) with loss scaling
+    gradient_checkpointing: bool = True  # recompute activations in backward: much less memory, ~30% more compute
+    activation_offloading: bool = False  # CUDA: keep what forward saves for backward (with checkpointing: each layer's input) in pinned host memory; frees layers x tokens x hidden x 2 bytes of GPU memory for two PCIe copies per step
+    loss_chunk_tokens: int = bounded(1024, ge=1)  # supervised tokens per LM-head chunk in the fused loss (bounds logits memory)
+    eval_every: int = bounded(50, ge=0)  # evaluate every N steps (and at the start and end); 0: only start and end
+    eval_batches: Optional[int] = bounded(None, ge=1)  # cap evaluation at N micro-batches; default: the whole held-out set
+    save_every: int = bounded(50, ge=0)  # checkpoint every N steps; 0: only the final adapter
+    keep_checkpoints: int = bounded(2, ge=0)  # newest checkpoints kept, older ones deleted; 0 keeps all
+    resume: bool = False  # continue from the newest checkpoint in output_dir
+    log_every: int = bounded(1, ge=1)  # write metrics every N steps
+    sample_prompts: int = bounded(3, ge=0)  # held-out prompts to generate from before and after training; 0 disables
+    sample_max_new_tokens: int = bounded(64, ge=1)  # length of those generations
+    report_to: Literal["none", "tensorboard"] = "none"  # extra tracker through Accelerate
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; written resolved into the run folder as config.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base model
+    quant: QuantConfig = field(default_factory=QuantConfig)  # its 4-bit quantization
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapters
+    data: DataConfig = field(default_factory=DataConfig)  # the training data
+    train: TrainConfig = field(default_factory=TrainConfig)  # the loop
+
+
+def load_recipe(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a recipe YAML and apply `section.key=value` overrides; all problems reported at once."""
+    return load_config(RunConfig, path, overrides)
+
+
+# ---------------------------------------------------------------- commands
+#
+# Options shared by several commands are declared once, in a base class; kw_only
+# lets required options (no default) follow optional ones in subclasses.
+
+
+@dataclass(kw_only=True)
+class ModelSourceOptions:
+    """Which model a command loads: a base in 4-bit, optionally with an adapter."""
+
+    run: Optional[str] = positional(None, metavar="RUN|ADAPTER")  # a training run folder or an adapter folder (same as --adapter)
+    adapter: Optional[str] = None  # adapter folder, or a run folder holding adapter/
+    base: Optional[str] = None  # base model: local folder, Hub id, .gguf file or 'smollm2-135m-instruct' (default with an adapter: the base it was trained on)
+    device: Optional[str] = None  # 'cuda', 'cuda:1', 'cpu' (default: CUDA when present)
+    force: bool = False  # load the adapter even if the base differs from the one it was trained on
+
+
+@dataclass(kw_only=True)
+class GenerationOptions:
+    """How replies are generated."""
+
+    max_new_tokens: int = bounded(256, ge=1)  # longest reply in tokens
+    temperature: float = bounded(0.0, ge=0)  # 0 = greedy (deterministic); > 0 samples
+    top_p: float = bounded(1.0, gt=0, le=1)  # nucleus sampling when temperature > 0
+    seed: Optional[int] = None  # seeds sampling, for repeatable outputs
+
+
+@dataclass(kw_only=True)
+class ChatOptions(ModelSourceOptions, GenerationOptions):
+    """`qlora-kit chat`: talk with a base and optional adapter; reads lines from stdin (/reset, /exit)."""
+
+    system: Optional[str] = None  # system message
+
+
+@dataclass(kw_only=True)
+class GenerateOptions(ChatOptions):
+    """`qlora-kit generate`: one reply to one prompt."""
+
+    prompt: str  # the user's message
+    no_chat_template: bool = False  # send the prompt as plain text instead of through the chat template / prompt style
+
+
+@dataclass(kw_only=True)
+class EvalOptions(ModelSourceOptions):
+    """`qlora-kit eval`: loss and perplexity of a base, or base + adapter, on a dataset."""
+
+    data: Optional[str] = None  # a .jsonl/.json/.csv/.parquet file, pkg:// path or Hub dataset (default with a run folder: the run's held-out split)
+    format: Optional[Literal["instruction", "chat", "text"]] = None  # row format (default: the run's, else instruction)
+    split: Optional[str] = None  # split of a Hub dataset (default train)
+    max_seq_len: Optional[int] = bounded(None, ge=2)  # tokens per example; longer ones are cut (default: the run's)
+    max_samples: Optional[int] = bounded(None, ge=1)  # evaluate at most N examples (of the held-out split, for a run)
+    batch_size: int = bounded(8, ge=1)  # examples per forward pass
+    json: Optional[str] = None  # also write the result as JSON to this file
+
+
+@dataclass(kw_only=True)
+class ExportOptions:
+    """Where and how an export writes its checkpoint."""
+
+    dtype: FloatDtype = "bfloat16"  # dtype of the written weights
+    overwrite: bool = False  # replace an existing output folder (only after the new one is complete)
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE  # largest output shard, e.g. 500MB, 5GB; host RAM peaks near one input plus one output shard
+
+
+@dataclass(kw_only=True)
+class MergeOptions(ExportOptions):
+    """`qlora-kit merge`: merge an adapter into its base and write a plain Hugging Face checkpoint.
+
+    Merge a LoRA adapter into its base model and write a standard Hugging Face
+    checkpoint (sharded safetensors, config, tokenizer, chat template) that loads
+    with plain transformers, vLLM or llama.cpp converters: no PEFT, no bitsandbytes.
+
+    Which base weights the adapter is added to (--mode):
+
+      nf4 (default)  The adapter was trained on top of the NF4-quantized base, so it
+                     learned corrections relative to *those* weights. The merge
+                     re-quantizes every layer that was 4-bit during training exactly
+                     as training did (quant type, block size, double quant, compute
+                     dtype from the adapter's qlora_kit.json), dequantizes it and adds
+                     scaling*B*A. The export computes what the trained model computed
+                     (up to rounding to --dtype): the losses and evaluations you saw in
+                     training carry over. The cost: the base keeps its 4-bit
+                     quantization error, stored in 16 bits.
+
+      original       Add scaling*B*A to the original 16-bit weights. Choose it when
+                     you will serve the original-precision base anyway and want the
+                     adapter on top of the more accurate weights. But the adapter never
+                     saw these weights: outputs differ from the trained model, usually
+                     slightly, sometimes noticeably (small models, large updates). Its
+                     verification checks the merge against the 16-bit base + adapter
+                     and also reports the drift from the trained 4-bit model.
+
+    If unsure, export nf4 (it is what you evaluated); export both and evaluate them
+    if the last bit of quality matters.
+
+    Verification (on by default, --verify N batches of 4x128 tokens, 0 to skip)
+    loads the merged model and the adapter on its base, compares their next-token
+    distributions on the same text and refuses to put the export in place if their
+    top-1 agreement is below --min-agreement. It needs both models in host RAM
+    (about 4.5 bytes per parameter); use --verify 0 for models that do not fit.
+    """
+
+    adapter: str = positional(metavar="ADAPTER")  # adapter folder, or a training run folder containing adapter/
+    out_dir: str = positional(metavar="OUT")  # folder to write the merged checkpoint to
+    base: Optional[str] = None  # base checkpoint (default: the one recorded with the adapter)
+    mode: Literal["nf4", "original"] = "nf4"  # add the update to the base as 4-bit training saw it (nf4) or to the original weights (original)
+    force: bool = False  # merge even if the base's fingerprint differs from the one the adapter was trained on
+    verify: int = bounded(4, ge=0)  # compare merged vs adapter-on-base on N batches of 4x128 tokens before putting the export in place; 0 skips
+    verify_file: Optional[str] = None  # text for verification: .txt (paragraphs) or .jsonl (all strings of each record); default: built-in English paragraphs
+    min_agreement: float = bounded(0.98, ge=0, le=1)  # fail when the top-1 token agreement with the reference is below this
+
+
+@dataclass(kw_only=True)
+class DequantizeOptions(ExportOptions):
+    """`qlora-kit dequantize`: turn a bitsandbytes 4-bit checkpoint into a plain 16/32-bit one.
+
+    The checkpoint is one transformers saved with BitsAndBytesConfig(load_in_4bit=True).
+    Each weight is dequantized exactly as the 4-bit model computes with it, so the
+    result computes what the 4-bit model did, without bitsandbytes. It does not
+    recover the original pre-quantization weights: that information is gone.
+    """
+
+    src: str = positional(metavar="SRC")  # 4-bit bitsandbytes checkpoint folder (or Hub id)
+    out_dir: str = positional(metavar="OUT")  # folder to write the plain checkpoint to
