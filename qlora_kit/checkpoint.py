@@ -111,7 +111,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     except Exception as exc:  # offline, gated, or a misspelt id: the hub raises many types
         raise QLoRAKitError(
             f"could not download '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-            "Check the id, your network and `huggingface-cli login` for gated models, "
+            "Check the id, your network and `hf auth login` for gated models, "
             "or pass a local folder"
         ) from exc
 

@@ -11,6 +11,7 @@ target, because nothing precedes it.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -105,10 +106,12 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
         if builder is None:
             supported = ", ".join(sorted(SUPPORTED_EXTENSIONS))
             raise QLoRAKitError(f"data file {path} has unsupported extension '{file.suffix}'; use one of {supported}")
+        if file.suffix.lower() == ".jsonl":
+            return read_jsonl(file)
         try:
             ds = datasets.load_dataset(builder, data_files=str(file), split="train")
         except Exception as e:  # a parse error in the user's file
-            raise QLoRAKitError(f"could not read {path} as {builder}: {e}") from e
+            raise QLoRAKitError(f"could not read {path} as {builder}: {e or type(e).__name__}") from e
     else:
         try:
             ds = datasets.load_dataset(path, split=split)
@@ -118,6 +121,36 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
                 "Check the name, split and network access, or point data.path at a local file"
             ) from e
     return ds.to_list()
+
+
+def read_jsonl(file: Path) -> list[dict]:
+    """One JSON object per line, read here so every bad line is reported with its line number."""
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = file.read_bytes()[: e.start].count(b"\n") + 1
+        raise QLoRAKitError(f"{file}:{line}: not valid UTF-8 ({e.reason}); save the file as UTF-8") from e
+    rows, problems = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            problems.append(f"  line {number}: not valid JSON ({e})")
+            continue
+        if not isinstance(row, dict):
+            problems.append(f"  line {number}: a JSON {type(row).__name__}, not an object")
+            continue
+        rows.append(row)
+    if problems:
+        listed = problems[:MAX_LISTED_PROBLEMS] + ([f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more"]
+                                                   if len(problems) > MAX_LISTED_PROBLEMS else [])
+        raise QLoRAKitError(f"{file}: {len(problems)} line(s) are not JSON objects (one per line expected):\n"
+                            + "\n".join(listed) + "\nFix or remove these lines and run again.")
+    if not rows:
+        raise QLoRAKitError(f"{file} holds no rows; a .jsonl file has one JSON object per line")
+    return rows
 
 
 def _is_local(path: str) -> bool:
@@ -351,19 +384,33 @@ def encode_rows(rows: list[dict], renderer: Renderer, source: str) -> _Encoded:
         out.prompts.append(prompt)
         out.references.append(reference)
     if problems:
-        raise QLoRAKitError(_describe_problems(source, cfg.format, problems))
+        raise QLoRAKitError(_describe_problems(source, cfg.format, problems, rows))
     if out.truncated:
         log.warning("%s: %d of %d examples were longer than max_seq_len=%d and were cut", source, out.truncated, len(rows), cfg.max_seq_len)
     return out
 
 
-def _describe_problems(source: str, fmt: str, problems: list[tuple[int, str]]) -> str:
+def _describe_problems(source: str, fmt: str, problems: list[tuple[int, str]], rows: list[dict]) -> str:
     lines = [f"{source}: {len(problems)} bad row(s) for format '{fmt}' (rows numbered from 1):"]
     lines += [f"  row {n}: {what}" for n, what in problems[:MAX_LISTED_PROBLEMS]]
     if len(problems) > MAX_LISTED_PROBLEMS:
         lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
-    lines.append("Fix or remove these rows (or change data.format / data.max_seq_len) and run again.")
+    fits = _format_that_fits(rows)
+    if len(problems) == len(rows) and fits and fits != fmt:
+        lines.append(f"The rows look like the '{fits}' format: set data.format={fits}.")
+    else:
+        lines.append("Fix or remove these rows (or change data.format / data.max_seq_len) and run again.")
     return "\n".join(lines)
+
+
+def _format_that_fits(rows: list[dict]) -> str | None:
+    """The format the first row's keys suggest, for a hint when every row fails the configured one."""
+    keys = set(rows[0]) if rows else set()
+    if keys & {"messages", "conversations"}:
+        return "chat"
+    if "instruction" in keys and "output" in keys:
+        return "instruction"
+    return "text" if "text" in keys else None
 
 
 # ---------------------------------------------------------------- split and pack

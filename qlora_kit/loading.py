@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from accelerate import init_empty_weights
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import memory, quantization
@@ -125,8 +126,12 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
     ignorable = list(getattr(net, "_keys_to_ignore_on_load_unexpected", None) or [])
     unexpected = []
     freed = memory.FreedMemory()
+    total = sum(shard.stat().st_size for shard in checkpoint.shards)
+    # disable=None: a bar on a terminal, nothing in logs and pipes.
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading in 4-bit", disable=None, leave=False)
     for name, tensor in checkpoint.iter_tensors():
         freed.processed(tensor.numel() * tensor.element_size())
+        bar.update(tensor.numel() * tensor.element_size())
         if name not in expected:
             if not any(re.search(p, name) for p in ignorable):
                 unexpected.append(name)
@@ -145,6 +150,7 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
             value = tensor.to(device=device, dtype=_keep_dtype(tensor, quant), copy=True)
             setattr(module, leaf, nn.Parameter(value, requires_grad=False))
         del expected[name]
+    bar.close()
     if unexpected:
         raise QLoRAKitError(
             f"{checkpoint.folder} holds {len(unexpected)} tensor(s) this model does not have, e.g. "

@@ -213,8 +213,12 @@ def test_csv_and_parquet_load(tmp_path):
 
 
 def test_config_problems():
+    from qlora_kit.config import make
+
     assert DataConfig(path="x.jsonl").problems() == []
-    assert any("eval_fraction" in p for p in DataConfig(path="x.jsonl", eval_fraction=1.0).problems())
+    assert DataConfig().problems() != []  # no path
+    with pytest.raises(QLoRAKitError, match="eval_fraction: must be >= 0 and < 1"):
+        make(DataConfig, path="x.jsonl", eval_fraction=1.0)
 
 
 # ---------------------------------------------------------------- splits
@@ -363,3 +367,33 @@ def test_package_paths_resolve_to_installed_data():
     assert len(load_rows("pkg://zaragoza_construction_faq/data/faq-en-alpaca.jsonl")) == 503
     with pytest.raises(QLoRAKitError, match="not installed"):
         resolve_package_path("pkg://no_such_package_here/data.jsonl")
+
+
+def test_malformed_jsonl_lines_are_reported_with_their_numbers(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "cut off\n\n[1, 2]\n{"text": "fine"}\n')
+    with pytest.raises(QLoRAKitError) as err:
+        load_rows(str(path))
+    text = str(err.value)
+    assert "line 2: not valid JSON" in text and "line 4: a JSON list, not an object" in text
+    assert "  line 1:" not in text and "  line 5:" not in text
+
+
+def test_empty_and_non_utf8_files_say_what_is_wrong(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(QLoRAKitError, match="holds no rows"):
+        load_rows(str(empty))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(QLoRAKitError, match=r"latin.jsonl:2: not valid UTF-8"):
+        load_rows(str(latin))
+
+
+def test_chat_rows_read_as_instructions_suggest_the_chat_format(tmp_path, tok):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hi {i}"},
+                                                     {"role": "assistant", "content": "hello"}]}) + "\n"
+                            for i in range(3)))
+    with pytest.raises(QLoRAKitError, match="set data.format=chat"):
+        prepare_data(DataConfig(path=str(path), format="instruction"), tok, seed=0)
