@@ -453,6 +453,36 @@ def pack(examples: list[dict[str, list[int]]], max_seq_len: int, seed: int) -> l
 # ---------------------------------------------------------------- entry point
 
 
+def check_rows(cfg: DataConfig) -> int:
+    """Read the data and check every row's fields for its format, without a tokenizer; return the row count.
+
+    Run before the base model loads (for large models, before a long download), so
+    a missing file or a malformed row is reported in seconds. Rendering and
+    token-length checks need the tokenizer and happen in `prepare_data`.
+    """
+    problems = cfg.problems()
+    if problems:
+        raise QLoRAKitError("bad data config:\n  " + "\n  ".join(problems))
+    check = {"text": lambda row: _text_field(row, "text"), "instruction": _instruction_messages,
+             "chat": _chat_messages}[cfg.format]
+    count = 0
+    for path, split in ((cfg.path, cfg.split), (cfg.eval_file, "train")):
+        if path is None:
+            continue
+        rows = load_rows(path, split)
+        rows = rows[: cfg.max_samples] if path == cfg.path and cfg.max_samples is not None else rows
+        bad = []
+        for number, row in enumerate(rows, 1):
+            try:
+                check(row)
+            except RowProblem as e:
+                bad.append((number, str(e)))
+        if bad:
+            raise QLoRAKitError(_describe_problems(path, cfg.format, bad, rows))
+        count += len(rows)
+    return count
+
+
 def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """Load, validate, tokenize, split and (optionally) pack the data described by cfg."""
     problems = cfg.problems()

@@ -4,6 +4,13 @@ It reads top to bottom: set up the run folder and the accelerator, load the base
 in 4-bit, prepare the data, wrap LoRA, build optimizer and schedule, resume if
 asked, then step; evaluate and checkpoint on schedule; write the final adapter,
 samples, loss curve and summary.
+
+Under several processes (`accelerate launch`, torchrun) every process runs the
+same loop on its slice of each global batch; the main process alone writes the
+run folder. `train.distributed` picks how the model is spread: DDP (a whole 4-bit
+model per process, gradients averaged) or FSDP2 through Accelerate (the 4-bit base,
+stored in bfloat16 containers, and the adapters sharded across processes, each
+layer gathered as it runs), for bases that do not fit one GPU.
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +32,8 @@ from tqdm.auto import tqdm
 from . import atomic, memory, quantization
 from .adapter_io import RUN_ADAPTER_DIR, save_adapter, versions
 from .config import save_config, to_dict
-from .data import PreparedData, batch_indices, collate, count_supervised_tokens, prepare_data
+from .data import (IGNORE_INDEX, PreparedData, batch_indices, check_rows, collate, count_supervised_tokens,
+                   prepare_data)
 from .errors import QLoRAKitError
 from .evaluation import token_loss
 from .loading import load_base
@@ -32,39 +42,78 @@ from .losses import SupervisedLoss, perplexity
 from .precision import resolve_mixed_precision, torch_dtype
 from .run_folder import MetricsLog, add_file_log, plot_loss_curve, write_run_readme, write_samples
 from .settings import RunConfig, TrainConfig
-from .training_state import LoopState, list_checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint
+from .training_state import (LoopState, check_resumable, gathered_adapter, list_checkpoints, load_adapter_state,
+                             load_training_state, remove_partial_checkpoints, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
 # transformers' schedule for each `train.lr_scheduler`.
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+EXIT_USER_ERROR = 2  # the command line's exit status for a QLoRAKitError
+# How long a process other than the main one waits, after a problem every process found,
+# for the launcher to end it once the main process has reported the problem and exited.
+QUIET_EXIT_WAIT_S = 10.0
 
 
 def train(run: RunConfig) -> dict:
-    """Train an adapter as `run` describes; return the summary written to the run folder."""
+    """Train an adapter as `run` describes; return the summary written to the run folder.
+
+    Under several processes every process calls it and the main one returns the
+    summary (the others an empty dict). A problem every process finds in the input
+    (config, data, a checkpoint of another world size) is reported once, by the main
+    process; the others exit with the same status instead of waiting for it.
+    """
     cfg = run.train
+    # Seconds, before the run folder exists and before the base loads (for an 8B model, a long download).
+    _checked(lambda: check_tracker(cfg.report_to))
+    rows = _checked(lambda: check_rows(run.data))
     out = Path(cfg.output_dir)
-    resume_from = _prepare_output_dir(out, cfg.resume)
-    file_log = add_file_log(out)
+    accelerator = _checked(lambda: make_accelerator(cfg, out))
+    main = accelerator.is_main_process
+    resume_from = _on_main(accelerator, lambda: _resume_point(out, cfg, accelerator))
+    file_log = add_file_log(out) if main else None
+    package_log = logging.getLogger("qlora_kit")
+    level = package_log.level
+    if not main:
+        package_log.setLevel(max(level, logging.WARNING))  # one process tells the story; any reports trouble
     try:
+        log.info("data: %d rows in %s checked", rows, run.data.path)
+        if accelerator.num_processes > 1:
+            log.info("%d processes, %s", accelerator.num_processes, "FSDP" if accelerator.is_fsdp2 else "DDP")
         if cfg.resume and resume_from is None:
             log.warning("train.resume is set but %s has no checkpoint yet: starting from step 0", out)
-        return _train(run, out, resume_from)
+        return _train(run, out, resume_from, accelerator)
     finally:
-        logging.getLogger("qlora_kit").removeHandler(file_log)
-        file_log.close()
+        package_log.setLevel(level)
+        if file_log is not None:
+            package_log.removeHandler(file_log)
+            file_log.close()
 
 
-def _train(run: RunConfig, out: Path, resume_from: Path | None) -> dict:
+def _resume_point(out: Path, cfg: TrainConfig, accelerator) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), refused if this launch cannot continue it."""
+    resume_from = _prepare_output_dir(out, cfg.resume)
+    if resume_from is not None:
+        check_resumable(resume_from, accelerator.num_processes, accelerator.is_fsdp2)
+    return resume_from
+
+
+def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> dict:
     cfg = run.train
-    accelerator = make_accelerator(cfg, out)
+    main, world, fsdp = accelerator.is_main_process, accelerator.num_processes, accelerator.is_fsdp2
+    if fsdp:
+        _checked(lambda: _check_fsdp(run))
     set_seed(cfg.seed)
-    model, tokenizer, base = load_base(replace(run.model, device=str(accelerator.device)), run.quant)
+    # Under FSDP every process loads the base into host RAM; sharding then moves only its
+    # shards to its GPU, so no GPU ever holds the whole 4-bit model.
+    load_device = "cpu" if fsdp else str(accelerator.device)
+    model, tokenizer, base = load_base(replace(run.model, device=load_device), run.quant)
     data = prepare_data(run.data, tokenizer, seed=cfg.seed)
+    _checked(lambda: _check_processes(data, world))
     _log_data(data)
     set_seed(cfg.seed)  # adapter init does not depend on how much randomness loading used
     apply_lora(model, run.lora)
-    counts = parameter_counts(model)
+    counts = parameter_counts(model)  # before sharding: FSDP's shards hide the 4-bit shapes
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
              100 * counts["trainable"] / counts["total"])
     if cfg.gradient_checkpointing:
@@ -72,31 +121,42 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None) -> dict:
     model.config.use_cache = False
 
     # Each process reads its own slice of every global batch of batch_size x processes examples.
-    micro_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * accelerator.num_processes))
+    micro_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * world))
     total_steps = cfg.max_steps or math.ceil(micro_per_epoch * cfg.num_epochs / cfg.gradient_accumulation_steps)
-    optimizer = make_optimizer(cfg, trainable_parameters(model), accelerator.device)
+    if resume_from is not None:
+        load_adapter_state(resume_from, model)  # into the whole weights, before FSDP shards them
+    optimizer = make_optimizer(cfg, trainable_parameters(model), accelerator.device, sharded=fsdp)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
     loss_fn = SupervisedLoss(model, cfg.loss_chunk_tokens)
+    if fsdp:
+        _fsdp_units(accelerator, model)
     # The scheduler stays out of `prepare`: Accelerate's wrapper steps it once per process,
     # and the schedule must advance once per optimizer step whatever the process count.
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)
+    if fsdp:
+        _after_fsdp_prepare(accelerator, model, loss_fn)
 
-    state = LoopState()
+    state = LoopState(world_size=world, fsdp=fsdp)
+    if world > 1:
+        set_seed(cfg.seed, device_specific=True)  # each process draws its own dropout masks
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler)
+        state = load_training_state(resume_from, model, optimizer, scheduler, accelerator)
         log.info("resumed from %s at step %d", resume_from, state.step)
-    main = accelerator.is_main_process  # under several processes, one writes the run folder
-    if main:
+    if main:  # under several processes, one writes the run folder
         save_config(run, out / "config.yaml")
     metrics = MetricsLog(out, resume_step=state.step if resume_from else None, enabled=main)
     eval_fn = lambda: evaluate(loss_fn, data, cfg, accelerator)  # noqa: E731
     mask_dtype = torch_dtype(run.quant.compute_dtype)
+    samples = lambda: _samples(model, tokenizer, data, cfg, accelerator, loss_fn)  # noqa: E731
 
-    before = _samples_before(out, model, tokenizer, data, cfg, fresh=resume_from is None) if main else []
-    if resume_from is None:
-        metrics.write({"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], **eval_fn()})
     if cfg.report_to != "none":
-        accelerator.init_trackers("tensorboard", config=_flat(to_dict(run)))
+        accelerator.init_trackers(out.name, config=_flat(to_dict(run)))
+    before = _samples_before(out, model, samples, fresh=resume_from is None, main=main)
+    if resume_from is None:
+        start = {"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], **eval_fn()}
+        metrics.write(start)
+        if accelerator.trackers:  # the step-0 evaluation is the baseline of every curve
+            accelerator.log({k: v for k, v in start.items() if isinstance(v, (int, float))}, step=0)
 
     loss_fn.train()  # load_base returns an eval-mode model; dropout and checkpointing need train mode
     progress = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
@@ -149,6 +209,20 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None) -> dict:
     return _finish(run, out, model, tokenizer, base, data, state, metrics, before, accelerator)
 
 
+# The package each `train.report_to` tracker needs.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_tracker(report_to: str) -> None:
+    """Refuse a tracker whose package is missing before anything runs (Accelerate would only warn)."""
+    import importlib.util
+
+    package = TRACKER_PACKAGES.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise QLoRAKitError(f"train.report_to={report_to} needs the {package} package: pip install {package} "
+                            "(or set train.report_to=none)")
+
+
 def enable_checkpointing(model) -> None:
     """Recompute each layer's activations in backward instead of keeping them.
 
@@ -183,7 +257,7 @@ def make_accelerator(cfg: TrainConfig, out: Path):
     return Accelerator(
         mixed_precision=precision,
         cpu=not cuda,
-        log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(out),
     )
 

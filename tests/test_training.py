@@ -704,3 +704,34 @@ def test_tensorboard_logging_writes_events_with_the_losses(tiny_llama_dir, faq16
     assert len(scalars) == 1
     logged = [e.value for e in scalars[0].Scalars("loss")]
     assert logged == pytest.approx([r["loss"] for r in metrics(out) if r.get("loss") is not None], rel=1e-6)
+    evals = [(e.step, e.value) for e in scalars[0].Scalars("eval_loss")]
+    assert evals[0][0] == 0 and evals[0][1] == pytest.approx(metrics(out)[0]["eval_loss"], rel=1e-6)
+
+
+def test_a_tracker_without_its_package_is_refused_before_training(tmp_path, monkeypatch):
+    import importlib.util
+
+    import qlora_kit.training as training
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    run = load_recipe(None, ["data.path=x.jsonl", f"train.output_dir={tmp_path / 'run'}", "train.report_to=wandb"])
+    with pytest.raises(QLoRAKitError, match="pip install wandb"):
+        training.train(run)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_is_reported_before_the_base_loads(tmp_path, monkeypatch):
+    """A malformed row fails in seconds, before any model is read and before a run folder exists."""
+    import qlora_kit.training as training
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base must not load before the data is checked")
+
+    monkeypatch.setattr(training, "load_base", no_loading)
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "no answer"}\n')
+    run = load_recipe(None, [f"data.path={data}", f"train.output_dir={tmp_path / 'run'}", "model.base=/nowhere"])
+    with pytest.raises(QLoRAKitError, match="row 2: missing 'output'"):
+        train(run)
+    assert not (tmp_path / "run").exists()
