@@ -1,11 +1,18 @@
 """qlora_kit vs transformers + PEFT + bitsandbytes: the same QLoRA job, each in its own process.
 
-    python benchmarks/run.py --device cpu            # SmolLM2-135M + tiny Llama, ~10 min on 2 cores
+    python benchmarks/run.py --device cpu --models smollm2-135m   # ~25 min on 2 idle cores (3 repeats)
     python benchmarks/run.py --device cuda           # Llama-3.2-1B + Llama-3.1-8B configs, random weights
+
+Two references: the documented recipe (`reference`: PEFT's prepare_model_for_kbit_training,
+which casts embeddings and norms to fp32) and the same without that cast
+(`reference_nocast`). Every system runs `--repeats` times, in rotated order
+(qlora_kit, reference, no-cast; then reference, no-cast, qlora_kit; ...), each run in a fresh
+process; medians and min-max spreads are reported, and a ratio only where the spreads do not
+overlap ("within noise" otherwise).
 
 Writes benchmarks/results/<date>-<device>-<model>.json per model and
 benchmarks/results/<date>-<device>.md, prints the table, and prints the ratio lines
-(qlora_kit / reference) last. See benchmarks/README.md for what is measured and how.
+(qlora_kit / each reference) last. See benchmarks/README.md for what is measured and how.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +38,11 @@ if str(REPO) not in sys.path:
 from benchmarks import data as bench_data  # noqa: E402
 from benchmarks import models as bench_models  # noqa: E402
 
-SYSTEMS = ("qlora_kit", "reference")
+SYSTEMS = ("qlora_kit", "reference", "reference_nocast")
+REFERENCES = ("reference", "reference_nocast")
+MERGE_SYSTEMS = ("qlora_kit", "reference")  # merging has no fp32-cast variant
+LABEL_OF = {"qlora_kit": "qlora_kit", "reference": "reference (documented recipe)",
+            "reference_nocast": "reference without the fp32 cast"}
 DEFAULT_MODELS = {"cpu": ["tiny-llama", "smollm2-135m"], "cuda": ["llama-3.2-1b", "llama-3.1-8b"]}
 DEFAULT_SHAPE = {"cpu": (4, 256), "cuda": (2, 2048)}  # (batch, seq_len)
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched on the device name in this order.
@@ -157,104 +169,146 @@ def bench_model(name: str, args, runner: Runner, scratch: Path, gpu_name: str | 
            "train": {}, "errors": []}
 
     for labels in args.labels:
-        runs = out["train"].setdefault(labels, {})
-        for system in SYSTEMS:
-            spec = {**common, "task": "train", "system": system, "batches_path": str(batches_path), "labels": labels,
-                    "warmup": args.warmup, "steps": args.steps}
-            if system == "qlora_kit":
-                spec["init_lora_out"] = str(init_lora)
-                if labels == args.labels[0] and not args.skip_merge:
-                    spec["adapter_out"] = str(adapter)
-            else:
-                spec["init_lora_in"] = str(init_lora)
-            if args.profile:
-                spec["profile_out"] = str(Path(args.results_dir) / f"profile-{args.device}-{name}-{system}-{labels}.txt")
-            runs[system] = runner(spec)
+        runs = out["train"].setdefault(labels, {system: [] for system in SYSTEMS})
+        for rep in range(args.repeats):
+            for system in rotated(SYSTEMS, rep):
+                spec = {**common, "task": "train", "system": system, "batches_path": str(batches_path),
+                        "labels": labels, "warmup": args.warmup, "steps": args.steps}
+                if system == "qlora_kit" and rep == 0:
+                    spec["init_lora_out"] = str(init_lora)  # the first run: rotation starts with qlora_kit
+                    if labels == args.labels[0] and not args.skip_merge:
+                        spec["adapter_out"] = str(adapter)
+                elif system != "qlora_kit":
+                    spec["init_lora_in"] = str(init_lora)
+                if args.profile and rep == 0:
+                    spec["profile_out"] = str(Path(args.results_dir) / f"profile-{args.device}-{name}-{system}-{labels}.txt")
+                runs[system].append(runner(spec))
 
     if not args.skip_merge and n_params > args.merge_max_params:
         out["merge"] = {"skipped": f"{n_params:,} base parameters > --merge-max-params {args.merge_max_params:,.0f}"}
     elif not args.skip_merge and adapter.is_dir():
-        out["merge"] = {}
-        for system in SYSTEMS:
-            merged = work / f"merged-{system}"
-            out["merge"][system] = runner({**common, "task": "merge", "system": system, "adapter_dir": str(adapter),
-                                           "out_dir": str(merged)})
-            shutil.rmtree(merged, ignore_errors=True)  # a merged 8B model is 16 GB of disk
+        out["merge"] = {system: [] for system in MERGE_SYSTEMS}
+        for rep in range(args.repeats):
+            for system in rotated(MERGE_SYSTEMS, rep):
+                merged = work / f"merged-{system}"
+                out["merge"][system].append(runner({**common, "task": "merge", "system": system,
+                                                    "adapter_dir": str(adapter), "out_dir": str(merged)}))
+                shutil.rmtree(merged, ignore_errors=True)  # a merged 8B model is 16 GB of disk
     if args.device == "cuda" and not args.skip_maxlen:
         import torch as _t
 
         budget = int((args.memory_budget_gb or _t.cuda.get_device_properties(0).total_memory / 2**30) * 2**30)
         out["max_seq_len"] = {}
-        for system in SYSTEMS:
+        for system in SYSTEMS:  # deterministic (a memory search): once each
             out["max_seq_len"][system] = runner({**common, "task": "maxlen", "system": system, "budget_bytes": budget,
                                                  "cap": args.maxlen_cap, "granularity": 256, "start": 1024})
     out["summary"] = summarize(out, n_params, peak_flops(gpu_name, args.peak_tflops) if args.device == "cuda" else None)
     return out
 
 
-def _ratio(a, b):
-    return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+def rotated(systems: tuple[str, ...], rep: int) -> list[str]:
+    """The order of repetition `rep`: each system goes first in turn, so drift favours none."""
+    k = rep % len(systems)
+    return list(systems[k:] + systems[:k])
+
+
+def spread(values: list) -> dict | None:
+    """Median and min-max of one metric over the repetitions."""
+    values = [v for v in values if isinstance(v, (int, float))]
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
+            "max": round(max(values), 4), "n": len(values)}
+
+
+def compare(ours: dict | None, theirs: dict | None):
+    """qlora_kit / reference of the medians, or "within noise" where the min-max ranges overlap."""
+    if not ours or not theirs or not theirs["median"]:
+        return None
+    if ours["n"] > 1 and theirs["n"] > 1 and ours["min"] <= theirs["max"] and theirs["min"] <= ours["max"]:
+        return "within noise"
+    return round(ours["median"] / theirs["median"], 3)
 
 
 def summarize(out: dict, n_params: int, peak: float | None) -> dict:
-    """Per metric: qlora_kit, reference, ratio (qlora_kit / reference)."""
+    """Per metric: each system's median and spread, and qlora_kit's ratio to each reference."""
     rows = []
 
-    def add(metric, a, b, better):
-        rows.append({"metric": metric, "qlora_kit": a, "reference": b, "ratio": _ratio(a, b), "better": better})
+    def add(metric, per_system: dict, better: str):
+        stats = {system: spread(values) for system, values in per_system.items()}
+        rows.append({"metric": metric, "stats": stats, "better": better,
+                     "ratios": {ref: compare(stats.get("qlora_kit"), stats.get(ref)) for ref in REFERENCES
+                                if ref in stats}})
+
+    def train_metric(runs, key):
+        return {system: [r.get(key) for r in results if "error" not in r] for system, results in runs.items()}
 
     agreement = {}
     for labels, runs in out["train"].items():
-        q, r = runs.get("qlora_kit", {}), runs.get("reference", {})
-        if "error" in q or "error" in r:
-            continue
-        add(f"[{labels}] supervised tokens/s", q["supervised_tokens_per_s"], r["supervised_tokens_per_s"], "higher")
-        add(f"[{labels}] input tokens/s", q["input_tokens_per_s"], r["input_tokens_per_s"], "higher")
-        if q.get("cuda_peak_train_mb") is not None:
-            add(f"[{labels}] peak CUDA memory allocated (MiB)", q["cuda_peak_train_mb"], r["cuda_peak_train_mb"], "lower")
-        add(f"[{labels}] peak RSS, whole process (MiB)", q["peak_rss_mb"], r["peak_rss_mb"], "lower")
-        for run in (q, r):
-            run["model_tflops_per_s"] = round(6 * n_params * run["input_tokens_per_step"] / run["median_step_s"] / 1e12, 4)
-            run["mfu"] = round(6 * n_params * run["input_tokens_per_step"] / run["median_step_s"] / peak, 4) if peak else None
+        for results in runs.values():
+            for run in results:
+                if "error" in run:
+                    continue
+                # A frozen base has no weight gradients: 4N model FLOPs per token (forward 2N, input
+                # gradients 2N); checkpointing recomputes the forward, 6N of hardware FLOPs.
+                per_s = run["input_tokens_per_step"] / run["median_step_s"]
+                run["model_tflops_per_s"] = round(4 * n_params * per_s / 1e12, 4)
+                run["hardware_tflops_per_s"] = round(6 * n_params * per_s / 1e12, 4)
+                run["mfu"] = round(4 * n_params * per_s / peak, 4) if peak else None
+                run["hfu"] = round(6 * n_params * per_s / peak, 4) if peak else None
+        add(f"[{labels}] supervised tokens/s", train_metric(runs, "supervised_tokens_per_s"), "higher")
+        add(f"[{labels}] input tokens/s", train_metric(runs, "input_tokens_per_s"), "higher")
         if peak:
-            add(f"[{labels}] MFU (6*N*tokens/time/peak)", q["mfu"], r["mfu"], "higher")
-        rel = [abs(a - b) / abs(b) for a, b in zip(q["losses"], r["losses"]) if b]
-        agreement[labels] = {"qlora_kit": [round(x, 5) for x in q["losses"]],
-                             "reference": [round(x, 5) for x in r["losses"]],
-                             "max_rel_diff": float(f"{max(rel):.3g}") if rel else None,
-                             "step0_rel_diff": float(f"{rel[0]:.3g}") if rel else None}
-    first = next(iter(out["train"].values()), {})
-    q, r = first.get("qlora_kit", {}), first.get("reference", {})
-    if "load" in q and "load" in r:
-        add("load into 4-bit (s)", q["load"]["seconds"], r["load"]["seconds"], "lower")
-        add("peak RSS while loading (MiB)", q["load"]["peak_rss_mb"], r["load"]["peak_rss_mb"], "lower")
-        if "rss_before_mb" in q["load"]:
-            add("  of which above the pre-load RSS (MiB)", round(q["load"]["peak_rss_mb"] - q["load"]["rss_before_mb"], 1),
-                round(r["load"]["peak_rss_mb"] - r["load"]["rss_before_mb"], 1), "lower")
-        if q["load"].get("cuda_peak_mb") is not None:
-            add("peak CUDA memory while loading (MiB)", q["load"]["cuda_peak_mb"], r["load"]["cuda_peak_mb"], "lower")
+            add(f"[{labels}] MFU (4N model FLOPs/token)", train_metric(runs, "mfu"), "higher")
+            add(f"[{labels}] HFU (6N with recompute)", train_metric(runs, "hfu"), "higher")
+        if any(r.get("cuda_peak_train_mb") is not None for r in runs["qlora_kit"]):
+            add(f"[{labels}] peak CUDA memory allocated (MiB)", train_metric(runs, "cuda_peak_train_mb"), "lower")
+        add(f"[{labels}] peak RSS, whole process (MiB)", train_metric(runs, "peak_rss_mb"), "lower")
+        first = {system: next((r for r in results if "error" not in r), None) for system, results in runs.items()}
+        if all(first.values()):
+            agreement[labels] = {system: [round(x, 5) for x in run["losses"]] for system, run in first.items()}
+            for ref in REFERENCES:
+                rel = [abs(a - b) / abs(b) for a, b in zip(first["qlora_kit"]["losses"], first[ref]["losses"]) if b]
+                agreement[labels][f"max_rel_diff_vs_{ref}"] = float(f"{max(rel):.3g}") if rel else None
+    runs = next(iter(out["train"].values()), {})
+    loads = {system: [r["load"] for r in results if "load" in r] for system, results in runs.items()}
+    if all(loads.values()):
+        add("load into 4-bit (s)", {s: [x["seconds"] for x in v] for s, v in loads.items()}, "lower")
+        add("peak RSS while loading, above the pre-load RSS (MiB)",
+            {s: [round(x["peak_rss_mb"] - x["rss_before_mb"], 1) for x in v] for s, v in loads.items()}, "lower")
+        if any(x.get("cuda_peak_mb") is not None for x in loads["qlora_kit"]):
+            add("peak CUDA memory while loading (MiB)", {s: [x["cuda_peak_mb"] for x in v] for s, v in loads.items()},
+                "lower")
     merge = out.get("merge", {})
-    if merge and all(s in merge and "error" not in merge[s] for s in SYSTEMS):
-        add("merge + write 16-bit checkpoint (s)", merge["qlora_kit"]["seconds"], merge["reference"]["seconds"], "lower")
-        add("peak RSS while merging (MiB)", merge["qlora_kit"]["peak_rss_mb"], merge["reference"]["peak_rss_mb"], "lower")
-        if "rss_before_mb" in merge["qlora_kit"]:
-            add("  of which above the pre-merge RSS (MiB)",
-                round(merge["qlora_kit"]["peak_rss_mb"] - merge["qlora_kit"]["rss_before_mb"], 1),
-                round(merge["reference"]["peak_rss_mb"] - merge["reference"]["rss_before_mb"], 1), "lower")
+    if merge and "skipped" not in merge:
+        ok = {s: [r for r in v if "error" not in r] for s, v in merge.items()}
+        add("merge + write 16-bit checkpoint (s)", {s: [r["seconds"] for r in v] for s, v in ok.items()}, "lower")
+        add("peak RSS while merging, above the pre-merge RSS (MiB)",
+            {s: [round(r["peak_rss_mb"] - r["rss_before_mb"], 1) for r in v] for s, v in ok.items()}, "lower")
     maxlen = out.get("max_seq_len", {})
-    if maxlen and all("max_seq_len" in maxlen[s] for s in SYSTEMS):
+    if maxlen and all("max_seq_len" in maxlen[s] for s in maxlen):
         add(f"longest batch-1 sequence in {maxlen['qlora_kit']['budget_mb']} MiB (tokens)",
-            maxlen["qlora_kit"]["max_seq_len"], maxlen["reference"]["max_seq_len"], "higher")
+            {s: [v["max_seq_len"]] for s, v in maxlen.items()}, "higher")
     return {"rows": rows, "loss_agreement": agreement}
 
 
 # ----------------------------------------------------------------------------- output
 
 
+def _cell(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    if stats["n"] == 1:
+        return f"{stats['median']:g}"
+    return f"{stats['median']:g} ({stats['min']:g}-{stats['max']:g})"
+
+
 def markdown(results: list[dict], date: str, device: str) -> str:
     """One section per model; each result carries its own command, machine, versions and load."""
     lines = [f"# QLoRA benchmark: qlora_kit vs transformers + PEFT + bitsandbytes, {date}, {device}", "",
-             "Ratios are qlora_kit / reference, from the same run. See benchmarks/README.md for what is measured.", ""]
+             "Cells are the median over repetitions (min-max in brackets). Ratios are qlora_kit / reference "
+             "of the medians, from the same run, given only where the min-max ranges do not overlap. "
+             "See benchmarks/README.md for what is measured.", ""]
     for res in results:
         lines += [f"## {res['model']} ({res['base_parameters']:,} base parameters)", "",
                   f"Command: `{res['command']}`", "",
@@ -263,18 +317,23 @@ def markdown(results: list[dict], date: str, device: str) -> str:
                   f"Load average (1/5/15 min) before: {res['load_average_before']}, after: {res['load_average_after']}; "
                   f"wall time {res.get('wall_seconds')} s", "", f"Settings: {json.dumps(res['settings'])}", "",
                   f"Data: {json.dumps(res['data'])}", "",
-                  "| metric | qlora_kit | reference (transformers+PEFT+bnb) | ratio qlora_kit/reference | better |",
-                  "|---|---:|---:|---:|---|"]
+                  "| metric | " + " | ".join(LABEL_OF[s] for s in SYSTEMS)
+                  + " | qlora_kit / documented | qlora_kit / no-cast | better |",
+                  "|---|" + "---:|" * (len(SYSTEMS) + 2) + "---|"]
         for row in res["summary"]["rows"]:
-            lines.append(f"| {row['metric']} | {row['qlora_kit']} | {row['reference']} | {row['ratio']} | {row['better']} |")
+            cells = [_cell(row["stats"].get(system)) for system in SYSTEMS]
+            ratios = [str(row["ratios"].get(ref, "-")) if row["ratios"].get(ref) is not None else "-"
+                      for ref in REFERENCES]
+            lines.append(f"| {row['metric']} | " + " | ".join(cells + ratios) + f" | {row['better']} |")
         lines.append("")
         for labels, agr in res["summary"]["loss_agreement"].items():
-            lines += [f"Loss per step [{labels}] (same batches, same initial LoRA weights; max relative difference "
-                      f"{agr['max_rel_diff']}):", "",
-                      "| step | " + " | ".join(str(i) for i in range(len(agr["qlora_kit"]))) + " |",
-                      "|---|" + "---:|" * len(agr["qlora_kit"]),
-                      "| qlora_kit | " + " | ".join(f"{x:.4f}" for x in agr["qlora_kit"]) + " |",
-                      "| reference | " + " | ".join(f"{x:.4f}" for x in agr["reference"]) + " |", ""]
+            steps = len(agr["qlora_kit"])
+            lines += [f"Loss per step [{labels}] (first repetition; same batches, same initial LoRA weights; "
+                      f"max relative difference vs documented {agr['max_rel_diff_vs_reference']}, "
+                      f"vs no-cast {agr['max_rel_diff_vs_reference_nocast']}):", "",
+                      "| step | " + " | ".join(str(i) for i in range(steps)) + " |", "|---|" + "---:|" * steps]
+            lines += [f"| {LABEL_OF[s]} | " + " | ".join(f"{x:.4f}" for x in agr[s]) + " |" for s in SYSTEMS]
+            lines.append("")
         if res.get("errors"):
             lines += ["Errors: " + "; ".join(res["errors"]), ""]
     return "\n".join(lines) + "\n"
@@ -284,11 +343,14 @@ def ratio_lines(results: list[dict]) -> list[str]:
     lines = []
     for res in results:
         for row in res["summary"]["rows"]:
-            lines.append(f"RATIO {res['model']}: {row['metric']}: qlora_kit/reference = {row['ratio']} "
-                         f"({row['better']} is better for qlora_kit; {row['qlora_kit']} vs {row['reference']})")
+            for ref, ratio in row["ratios"].items():
+                lines.append(f"RATIO {res['model']}: {row['metric']}: qlora_kit/{ref} = {ratio} "
+                             f"({row['better']} is better for qlora_kit; medians {_cell(row['stats'].get('qlora_kit'))} "
+                             f"vs {_cell(row['stats'].get(ref))})")
         for labels, agr in res["summary"]["loss_agreement"].items():
-            lines.append(f"LOSS {res['model']} [{labels}]: max relative difference over "
-                         f"{len(agr['qlora_kit'])} steps = {agr['max_rel_diff']} (step 0: {agr['step0_rel_diff']})")
+            lines.append(f"LOSS {res['model']} [{labels}]: max relative difference over {len(agr['qlora_kit'])} steps "
+                         f"= {agr['max_rel_diff_vs_reference_nocast']} vs no-cast, "
+                         f"{agr['max_rel_diff_vs_reference']} vs documented")
     return lines
 
 
@@ -303,6 +365,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (their losses are compared)")
     p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per system, in rotated order (default 3)")
     p.add_argument("--labels", nargs="+", choices=bench_data.LABEL_SETS, default=list(bench_data.LABEL_SETS))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
@@ -351,7 +414,7 @@ def main(argv=None) -> int:
     header = {"date": date, "device": args.device, "command": command, "machine": machine, "versions": versions(),
               "load_average_before": load_before,
               "settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "warmup_steps": args.warmup,
-                           "timed_steps": args.steps, "lora_rank": args.rank, "lora_alpha": args.alpha,
+                           "timed_steps": args.steps, "repeats": args.repeats, "lora_rank": args.rank, "lora_alpha": args.alpha,
                            "lora_dropout": 0.0, "target_modules": "all linear except lm_head", "lr": args.lr,
                            "optimizer": "PagedAdamW8bit" if args.device == "cuda" else "torch AdamW",
                            "quantization": "NF4, double quant, blocksize 64, bf16 compute",

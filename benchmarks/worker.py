@@ -140,8 +140,13 @@ def qlora_kit_setup(spec, device):
 # ----------------------------------------------------------------------------- reference
 
 
-def reference_setup(spec, device):
-    """transformers + PEFT + bitsandbytes as their QLoRA docs set it up, and a plain training step."""
+def reference_setup(spec, device, fp32_cast: bool = True):
+    """transformers + PEFT + bitsandbytes as their QLoRA docs set it up, and a plain training step.
+
+    `fp32_cast=False` is the same recipe without `prepare_model_for_kbit_training`'s cast of
+    every non-4-bit parameter (embeddings, norms, lm_head) to fp32: the residual stream then
+    runs in bf16 as in qlora_kit, so the comparison isolates the loss and LoRA paths.
+    """
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -161,8 +166,12 @@ def reference_setup(spec, device):
             "rss_before_mb": rss_before, "rss_after_mb": round(vmrss_mb(), 1), "cuda_peak_mb": _cuda_peak_mb(device)}
     # Non-reentrant checkpointing, as qlora_kit uses and as transformers' Trainer defaults to
     # (PEFT's bare default, {} -> torch's reentrant variant, computes the same thing).
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fp32_cast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:  # what prepare_model_for_kbit_training does, less the fp32 cast
+        model.requires_grad_(False)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     torch.manual_seed(spec["seed"])
     model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=0.0,
@@ -191,7 +200,8 @@ def reference_setup(spec, device):
 
     info = {"optimizer": type(optimizer).__name__, "lora_dtype": str(params[0].dtype),
             "trainable_params": sum(p.numel() for p in params), "mixed_precision": "bf16 (torch.autocast)",
-            "initial_lora_copied_from_qlora_kit": copied}
+            "initial_lora_copied_from_qlora_kit": copied, "fp32_cast_of_non_4bit_params": fp32_cast,
+            "norm_dtype": str(next(p.dtype for n, p in model.named_parameters() if "norm" in n))}
     return SimpleNamespace(step=step, save=save, load=load, info=info,
                            zero_grad=lambda: optimizer.zero_grad(set_to_none=True))
 
@@ -219,7 +229,8 @@ def _copy_initial_lora(model, path) -> int:
     return copied
 
 
-SETUPS = {"qlora_kit": qlora_kit_setup, "reference": reference_setup}
+SETUPS = {"qlora_kit": qlora_kit_setup, "reference": reference_setup,
+          "reference_nocast": lambda spec, device: reference_setup(spec, device, fp32_cast=False)}
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -293,7 +304,7 @@ def task_merge(spec) -> dict:
         result = merge(spec["adapter_dir"], spec["out_dir"], base=spec["model_dir"], mode=spec.get("mode", "nf4"),
                        dtype="bfloat16", verify=spec.get("verify_batches", 0), progress=False)
         seconds = time.perf_counter() - start
-        what = (f"qlora_kit.export.merge(mode='{spec.get('mode', 'nf4')}', dtype='bf16', "
+        what = (f"qlora_kit.export.merge(mode='{spec.get('mode', 'nf4')}', dtype='bfloat16', "
                 f"verify={spec.get('verify_batches', 0)}): streams the bf16 shards, "
                 "re-quantizes/dequantizes 4-bit layers (nf4 mode), adds scaling*B@A, writes shards")
         written = result.bytes

@@ -192,6 +192,48 @@ def test_write_text_keeps_the_old_file_when_killed_or_failing(tmp_path):
     assert _leftovers(tmp_path) == [], "the killed write's temporary file is cleaned up"
 
 
+STREAMING_WRITER = """
+import sys, time
+from qlora_kit import atomic
+with atomic.staged_file(sys.argv[1], overwrite=True) as tmp:
+    with open(tmp, "wb") as out:
+        out.write(b"new part")
+        out.flush()
+        time.sleep(600)
+"""
+
+
+def test_staged_file_is_whole_or_absent_and_refuses_what_it_should(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"old")
+    proc = _start(STREAMING_WRITER, path)
+    deadline = time.monotonic() + 120
+    try:
+        while not any(p.stat().st_size for p in tmp_path.glob(".model.gguf.tmp-*")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the writer never started"
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert path.read_bytes() == b"old" and len(_leftovers(tmp_path)) == 1
+
+    with pytest.raises(RuntimeError):
+        with atomic.staged_file(path, overwrite=True) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("the export failed")
+    assert path.read_bytes() == b"old" and _leftovers(tmp_path) == [], "the killed write's file is cleaned up"
+    with pytest.raises(QLoRAKitError, match="already exists"):
+        with atomic.staged_file(path, overwrite=False):
+            pass
+    with pytest.raises(QLoRAKitError, match="is a folder"):
+        with atomic.staged_file(tmp_path, overwrite=True):
+            pass
+    with atomic.staged_file(path, overwrite=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and _leftovers(tmp_path) == []
+
+
 def test_writes_are_ordinary_files_and_folders(tmp_path):
     atomic.write_json(tmp_path / "summary.json", {"loss": 1.5, "steps": [1, 2]})
     assert (tmp_path / "summary.json").read_text() == '{\n  "loss": 1.5,\n  "steps": [\n    1,\n    2\n  ]\n}\n'
