@@ -58,6 +58,8 @@ CHAT_ROLES = {"system", "user", "assistant"}
 
 @dataclass
 class PreparedData:
+    """Tokenized training and held-out examples, with the statistics and prompts a run reports."""
+
     train: list[dict[str, list[int]]]  # examples (or packed rows) for training
     eval: list[dict[str, list[int]]]  # held-out examples, never packed
     stats: dict[str, Any]
@@ -348,6 +350,7 @@ def tokenize(renderer: Renderer, text: str, spans: list[tuple[int, int]], train_
 
 
 def supervised_count(example: dict[str, list[int]]) -> int:
+    """How many of an example's labels are targets."""
     return sum(1 for t in example["labels"] if t != IGNORE_INDEX)
 
 
