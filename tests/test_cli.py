@@ -228,3 +228,17 @@ def test_eval_max_samples_takes_only_held_out_rows(tiny_run, tmp_path):
     whole = json.loads(out.read_text())
     assert capped["examples"] == 2 and whole["examples"] == 4  # 16 rows, eval_fraction 0.25
     assert capped["data"] == "held-out split of the run"
+
+
+def test_export_gguf_merges_a_run_then_writes_a_verified_gguf(tiny_run, tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "model.gguf"
+    assert main(["export-gguf", str(tiny_run), str(out), "--verify", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "top-1 agreement" in printed
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert {"token_embd.weight", "blk.0.attn_q.weight", "output_norm.weight"} <= names
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the temporary merge is gone
+    assert main(["export-gguf", str(tiny_run), str(tmp_path / "lora.gguf"), "--adapter-only", "--type", "f16"]) == 0
+    assert any(t.name.endswith(".lora_a") for t in gguf.GGUFReader(tmp_path / "lora.gguf").tensors)
+    assert main(["export-gguf", str(tiny_run), str(out)]) == 2  # exists: refused without --overwrite
