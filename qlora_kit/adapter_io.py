@@ -3,7 +3,8 @@
 An adapter folder holds:
   adapter_config.json         PEFT's LoraConfig (vLLM, TGI and PEFT read it)
   adapter_model.safetensors   keys `base_model.model.<module>.lora_{A,B}.weight`
-  qlora_kit.json              our manifest: quantization of the base, base fingerprint, versions
+  qlora_kit.json              our manifest: quantization of the base, base fingerprint, versions,
+                              and the size and SHA-256 of the two files above (`files`), checked on load
 
 `AdapterRecord` reads a folder once (PEFT config, manifest, and the run config
 when the adapter sits in a training run folder) and owns the rules that depend
@@ -27,11 +28,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, atomic, quantization
+from . import __version__, atomic, integrity, quantization
 from .errors import QLoRAKitError
 from .loading import BaseInfo
+from .gguf_origin import gguf_origin
 from .packaged import cache_dir
-from .lora import adapter_config, apply_lora, lora_layers, lora_state_dict
+from .layers import stores_transposed
+from .lora import (DEFAULT_ADAPTER, adapter_config, adapter_names, add_adapter, apply_lora, lora_layers,
+                   lora_state_dict, wrapped_layers)
 from .settings import LoRAConfig, ModelConfig, QuantConfig, RunConfig, load_recipe
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo 
         tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         atomic.write_json(tmp / CONFIG_FILE, peft_config(model, cfg, names, base))
-        atomic.write_json(tmp / MANIFEST_FILE, manifest(model, cfg, names, base, extra))
+        files = integrity.record_files(tmp, [WEIGHTS_FILE, CONFIG_FILE])
+        atomic.write_json(tmp / MANIFEST_FILE, manifest(model, cfg, names, base, extra, files=files))
     return target
 
 
@@ -92,7 +97,8 @@ def peft_config(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseI
         "target_modules": peft_target_modules(model, names),
         "use_rslora": cfg.use_rslora,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT marks adapters on Conv1D layers (GPT-2) so; A and B are shaped as for nn.Linear either way.
+        "fan_in_fan_out": any(stores_transposed(model.get_submodule(n).base) for n in names),
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -132,7 +138,8 @@ def loadable_base_name(base: BaseInfo) -> str:
 
 
 def manifest(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseInfo | None,
-             extra: dict | None) -> dict:
+             extra: dict | None, *, files: dict | None = None) -> dict:
+    """Our `qlora_kit.json`: what PEFT's config leaves out (the base, its quantization, versions)."""
     data = {
         "manifest_version": MANIFEST_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -141,6 +148,8 @@ def manifest(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseInfo
             "folder": base.folder if base else None,
             "fingerprint": base.fingerprint if base else None,
             "model_type": base.model_type if base else None,
+            # A base converted from GGUF: the file it came from and, where known, its Hub id.
+            "gguf": gguf_origin(base.folder) if base else None,
         },
         "quantization": base.quant if base else None,
         "lora": {
@@ -153,11 +162,14 @@ def manifest(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseInfo
         },
         "versions": versions(),
     }
+    if files is not None:
+        data["files"] = files  # integrity records: checked before the files are read
     data.update(extra or {})
     return data
 
 
 def versions() -> dict:
+    """The versions of the libraries that decide what a saved adapter computes."""
     return {
         "qlora_kit": __version__,
         "torch": torch.__version__,
@@ -187,14 +199,24 @@ class AdapterRecord:
             hint = (" (pickled adapter_model.bin files are not loaded; resave with safetensors)"
                     if (folder / "adapter_model.bin").exists() else "")
             raise QLoRAKitError(f"{folder} is not an adapter folder: {WEIGHTS_FILE} is missing{hint}")
-        peft = _read_json(folder / CONFIG_FILE)
         manifest_data = _read_json(folder / MANIFEST_FILE) if (folder / MANIFEST_FILE).is_file() else {}
+        if "files" in manifest_data:  # the weights are checked when read (`weights()`)
+            integrity.check_files(folder, manifest_data["files"], recorded_in=folder / MANIFEST_FILE,
+                                  fix=_DAMAGED_FIX, skip=(WEIGHTS_FILE,))
+        peft = _read_json(folder / CONFIG_FILE)
         run_config = folder.parent / RUN_CONFIG_FILE
         run = load_recipe(run_config) if folder.name == RUN_ADAPTER_DIR and run_config.is_file() else None
         return cls(folder, peft, manifest_data, run)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights keyed `<module>.lora_A.weight` / `<module>.lora_B.weight`."""
+        """The LoRA weights keyed `<module>.lora_A.weight` / `<module>.lora_B.weight`.
+
+        Checked first against the size and SHA-256 the manifest recorded (adapters
+        made by PEFT, or by qlora_kit before it recorded them, have none to check).
+        """
+        if "files" in self.manifest:
+            integrity.check_files(self.folder, self.manifest["files"], recorded_in=self.folder / MANIFEST_FILE,
+                                  fix=_DAMAGED_FIX, only=[WEIGHTS_FILE])
         try:
             raw = load_file(self.folder / WEIGHTS_FILE)
         except SafetensorError as exc:
@@ -230,8 +252,12 @@ class AdapterRecord:
         model = self.run.model if self.run is not None else ModelConfig()
         return replace(model, base=base or trained_on, revision=None if base else model.revision)
 
-    def check_base(self, fingerprint: str, source: str, *, force: bool = False) -> None:
-        """Refuse (or, with `force`, warn about) a base other than the one the adapter was trained on."""
+    def check_base(self, fingerprint: str, source: str, *, force: bool = False, folder: str | None = None) -> None:
+        """Refuse (or, with `force`, warn about) a base other than the one the adapter was trained on.
+
+        `folder` is the local folder `source` resolved to (default: `source` itself);
+        when it is the folder training used, the message says its files changed.
+        """
         trained_on = (self.manifest.get("base") or {}).get("fingerprint")
         if not trained_on:
             log.warning("adapter %s records no base fingerprint; cannot check it was trained on %s",
@@ -239,11 +265,21 @@ class AdapterRecord:
             return
         if trained_on == fingerprint:
             return
-        message = (
-            f"adapter {self.folder} was trained on base '{self.manifest['base'].get('source')}' "
-            f"(fingerprint {trained_on[:32]}...) but the base '{source}' differs ({fingerprint[:32]}...). "
-            "Use the base it was trained on"
-        )
+        recorded_folder = self.manifest["base"].get("folder")
+        if recorded_folder and Path(folder or source).expanduser().resolve() == Path(recorded_folder).resolve():
+            # The same folder with other contents: most likely replaced or damaged files, not a choice.
+            message = (
+                f"adapter {self.folder} was trained on a different base: the files in {recorded_folder} changed "
+                f"since training (fingerprint {trained_on[:32]}... then, {fingerprint[:32]}... now): they were "
+                "replaced, modified or damaged. Restore the base it was trained on"
+            )
+        else:
+            message = (
+                f"adapter {self.folder} was trained on a different base: it was trained on base "
+                f"'{self.manifest['base'].get('source')}' (fingerprint {trained_on[:32]}...), and the base "
+                f"'{source}' differs ({fingerprint[:32]}...). "
+                "Use the base it was trained on"
+            )
         if not force:
             raise QLoRAKitError(message + ", or pass --force (strict_base=False) to use this one anyway")
         warnings.warn(message + "; using it anyway (--force)", stacklevel=3)
@@ -259,6 +295,12 @@ class AdapterRecord:
                 "outputs will differ from training",
                 stacklevel=3,
             )
+
+
+_DAMAGED_FIX = (
+    "Copy the adapter again from a good source or train it again (a run's checkpoints/ may hold an intact "
+    f"earlier adapter); if you changed the file on purpose, delete its entry under 'files' in {MANIFEST_FILE}"
+)
 
 
 def _read_json(path: Path) -> dict:
@@ -286,6 +328,7 @@ def _module_keys(raw: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.
 
 
 def lora_config_from_peft(config: dict, folder: Path) -> LoRAConfig:
+    """Our `LoRAConfig` from PEFT's adapter_config.json; variants we cannot load are refused by name."""
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')}, only LORA is supported")
@@ -308,7 +351,11 @@ def lora_config_from_peft(config: dict, folder: Path) -> LoRAConfig:
 
 
 def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Copy an adapter's weights into a model that already has exactly those LoRA layers."""
+    """Copy an adapter's weights into a model whose active adapter has exactly those LoRA layers.
+
+    The adapter's config comes with them: every layer's alpha, scaling and dropout
+    are re-derived from it (the rank must match).
+    """
     record = AdapterRecord.read(folder)
     weights = record.weights()
     layers = dict(lora_layers(model))
@@ -318,10 +365,15 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
             f"adapter {record.folder} does not match the model's LoRA layers "
             f"({len(weights)} tensors saved, {len(expected)} expected); was the config changed?"
         )
-    _copy_weights(layers, weights, record.folder)
+    updates = {name: layer.adapters[layer.active] for name, layer in layers.items()}
+    _copy_weights(updates, weights, record.folder)
+    cfg = record.lora_config()
+    for update in updates.values():
+        update.set_config(replace(cfg, dtype=update.config.dtype))  # the weights keep their dtype
 
 
 def _copy_weights(layers: dict, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copy `<module>.lora_{A,B}.weight` tensors into `layers[module]` (a `LoRAUpdate` or `LoRALinear`)."""
     for key, value in weights.items():
         module_name, part, _ = key.rsplit(".", 2)
         param = getattr(layers[module_name], part).weight
@@ -335,17 +387,25 @@ def _copy_weights(layers: dict, weights: dict[str, torch.Tensor], folder: Path) 
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo | None = None,
-                 strict_base: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
+                 strict_base: bool = True, dtype: torch.dtype | None = None,
+                 adapter_name: str | None = None) -> nn.Module:
     """Wrap `model`'s layers as the adapter in `folder` describes and load its weights.
 
     Works for adapters saved by qlora_kit or by PEFT. Given `base` (the `BaseInfo`
     that `load_base` returned), the base's fingerprint and quantization are
     compared with those the adapter was trained on: a different base raises (or
     only warns with `strict_base=False`), a different quantization warns.
+
+    The first adapter on a model is named `adapter_name` ('default' if not given)
+    and made active. Further adapters need a name of their own; they are added
+    beside the loaded ones, sharing the base, and `lora.set_active_adapter` picks
+    the one the model computes with (or `model(..., adapter_names=[...])` per row).
+    Adapters trained on different bases are refused on one model (a warning with
+    `strict_base=False`).
     """
     record = AdapterRecord.read(folder)
     if base is not None:
-        record.check_base(base.fingerprint, base.source, force=not strict_base)
+        record.check_base(base.fingerprint, base.source, force=not strict_base, folder=base.folder)
         record.check_quantization(base.quant)
     cfg = record.lora_config()
     if dtype is not None:
@@ -358,9 +418,40 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo 
             f"adapter {record.folder} targets layer(s) this model lacks, e.g. {', '.join(missing[:3])}: "
             "it was trained on a different architecture"
         )
-    apply_lora(model, cfg, targets=names)
-    _copy_weights(dict(lora_layers(model)), weights, record.folder)
+    trained_on = (record.manifest.get("base") or {}).get("fingerprint")
+    loaded = adapter_names(model)
+    if not loaded:
+        name = adapter_name or DEFAULT_ADAPTER
+        apply_lora(model, cfg, targets=names, adapter_name=name)
+        updates = {n: layer.adapters[name] for n, layer in lora_layers(model)}
+    else:
+        if adapter_name is None:
+            raise QLoRAKitError(f"the model already has adapter(s) {', '.join(loaded)}; give adapter {record.folder} "
+                                "a name of its own (adapter_name=...) to load it beside them")
+        _check_same_base(model, record.folder, trained_on, force=not strict_base)
+        updates = add_adapter(model, adapter_name, cfg, names)
+    _copy_weights(updates, weights, record.folder)
+    for update in updates.values():
+        update.trained_on = trained_on
     return model
+
+
+def _check_same_base(model: nn.Module, folder: Path, trained_on: str | None, *, force: bool) -> None:
+    """Refuse a second adapter trained on another base than the adapters already loaded."""
+    others = {}
+    for _, layer in wrapped_layers(model):
+        for name, update in layer.adapters.items():
+            if update.trained_on and trained_on and update.trained_on != trained_on:
+                others.setdefault(name, update.trained_on)
+    if not others:
+        return
+    shown = "; ".join(f"'{name}': {fp[:32]}..." for name, fp in others.items())
+    message = (f"adapter {folder} was trained on a base with fingerprint {trained_on[:32]}..., but adapter(s) "
+               f"already loaded on this model were trained on another ({shown}): adapters sharing a base must "
+               "have been trained on it")
+    if not force:
+        raise QLoRAKitError(message + "; pass strict_base=False (--force) to load it anyway")
+    warnings.warn(message + "; loading it anyway (strict_base=False)", stacklevel=3)
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:

@@ -3,6 +3,13 @@
 A base is named by a local HF folder, a Hub id, a GGUF file or the packaged
 SmolLM2 model; all of them resolve to a local folder of safetensors shards, so
 loading and merging have one code path.
+
+Integrity: every shard's safetensors header must describe exactly the file's size
+(checked when the folder is resolved, before anything reads a tensor: a truncated
+shard is named as such). A folder qlora_kit exported (`qlora_kit_export.json`)
+records each shard's size and SHA-256: sizes are checked on resolving, contents as
+each shard is read (`iter_tensors`). Other bases carry no such record, and the
+fingerprint samples their content rather than hashing all of it (see `fingerprint`).
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import integrity
 from .errors import QLoRAKitError
 from .packaged import SMOLLM2_NAME, gguf_to_hf_folder, smollm2_path
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+EXPORT_MANIFEST = "qlora_kit_export.json"  # an export's manifest (qlora_kit.export), with its files' checksums
+_EXPORT_FIX = "Export it again, or copy the folder again from a good copy"
 # Files a Hub download needs: config, tokenizer, chat template and the safetensors weights.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
@@ -42,9 +52,14 @@ class Checkpoint:
         """Yield (name, tensor) for every tensor, one shard open at a time.
 
         safetensors memory-maps the shard, so host RAM holds one tensor at a time
-        plus whatever the caller keeps.
+        plus whatever the caller keeps. A shard whose export manifest records its
+        SHA-256 is hashed first (one more sequential read), and refused if it differs.
         """
+        records = integrity.read_records(self.folder / EXPORT_MANIFEST)
         for shard in self.shards:
+            if shard.name in records:
+                integrity.check_file(shard, records[shard.name], recorded_in=self.folder / EXPORT_MANIFEST,
+                                     fix=_EXPORT_FIX)
             with _open_shard(shard) as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
@@ -121,6 +136,9 @@ def _local_folder(source: str, folder: Path) -> Checkpoint:
         raise QLoRAKitError(f"{folder} has no config.json: it is not a Hugging Face model folder")
     index = folder / INDEX_FILE
     if index.is_file():
+        records = integrity.read_records(folder / EXPORT_MANIFEST)
+        if INDEX_FILE in records:
+            integrity.check_file(index, records[INDEX_FILE], recorded_in=folder / EXPORT_MANIFEST, fix=_EXPORT_FIX)
         shards = _shards_from_index(index)
     elif (folder / SINGLE_FILE).is_file():
         shards = [folder / SINGLE_FILE]
@@ -133,7 +151,17 @@ def _local_folder(source: str, folder: Path) -> Checkpoint:
             else ""
         )
         raise QLoRAKitError(f"{folder} has no {SINGLE_FILE} or {INDEX_FILE}.{hint}")
+    _check_shards(folder, shards)
     return Checkpoint(source=source, folder=folder.resolve(), shards=tuple(shards))
+
+
+def _check_shards(folder: Path, shards: list[Path]) -> None:
+    """What is cheap to check before any tensor is read: sizes against headers (and an export's records)."""
+    records = integrity.read_records(folder / EXPORT_MANIFEST)
+    for shard in shards:
+        if shard.name in records:
+            integrity.check_size(shard, records[shard.name], recorded_in=folder / EXPORT_MANIFEST, fix=_EXPORT_FIX)
+        integrity.check_safetensors_size(shard)
 
 
 def _shards_from_index(index: Path) -> list[Path]:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import memory, quantization
 from .adapter_io import AdapterRecord
 from .atomic import staged_folder
-from .checkpoint import Checkpoint, resolve
+from .checkpoint import EXPORT_MANIFEST, INDEX_FILE, Checkpoint, resolve
 from .checkpoint_writer import ShardWriter, copy_side_files, parse_size, write_config
 from .config import make
 from .errors import QLoRAKitError
@@ -38,7 +38,6 @@ from .settings import DequantizeOptions, MergeOptions, ModelConfig
 
 log = logging.getLogger(__name__)
 
-EXPORT_MANIFEST = "qlora_kit_export.json"
 # Tokenizer files a run may have changed (e.g. a chat template added for training); the
 # adapter folder's copies win over the base's.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -73,6 +72,7 @@ class MergePlan:
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B)
     quant: dict  # the manifest's quantization record (quantization.quant_record)
     quantized: set[str]  # weight names that were 4-bit during training
+    transposed: set[str]  # weight names stored (in, out), as transformers' Conv1D holds them
     skip: set[str]  # tensors not written (lm_head of a tied model)
     manifest: dict | None
 
@@ -123,19 +123,19 @@ def plan_merge(record: AdapterRecord, *, base: str | None, mode: str, force: boo
     """Read the adapter, find and check its base; raise before writing anything if they do not fit."""
     checkpoint = resolve(record.base_model(base).base)
     record.check_base(checkpoint.fingerprint(), str(checkpoint.folder), force=force)
-    adapters = _pair_weights(record.weights(), record.folder)
-    shapes = checkpoint.tensor_shapes()
-    _check_shapes(adapters, shapes, record.folder, checkpoint)
     quant = record.manifest.get("quantization") or {}
     if mode == "nf4" and not quant:
         quant = quantization.quant_record(record.quant_config())
         log.warning("adapter %s has no qlora_kit.json quantization record; assuming %s", record.folder, quant)
+    shapes = checkpoint.tensor_shapes()
+    adapters, quantized, transposed = _in_checkpoint_names(
+        _pair_weights(record.weights(), record.folder), shapes, checkpoint, quant, record.base_model(base))
+    _check_shapes(adapters, shapes, record.folder, checkpoint, transposed)
     config = _read_config(checkpoint.folder)
     tied = bool(config.get("tie_word_embeddings", False))
     return MergePlan(
         adapter_dir=record.folder, checkpoint=checkpoint, mode=mode, scaling=record.lora_config().scaling,
-        adapters=adapters, quant=quant,
-        quantized=_quantized_weights(checkpoint, quant, record.base_model(base)) if mode == "nf4" else set(),
+        adapters=adapters, quant=quant, quantized=quantized if mode == "nf4" else set(), transposed=transposed,
         skip={"lm_head.weight"} if tied else set(), manifest=record.manifest or None,
     )
 
@@ -151,7 +151,7 @@ def _pair_weights(weights: dict[str, torch.Tensor], adapter_dir: Path) -> dict[s
     return pairs
 
 
-def _check_shapes(adapters, shapes, adapter_dir: Path, checkpoint: Checkpoint) -> None:
+def _check_shapes(adapters, shapes, adapter_dir: Path, checkpoint: Checkpoint, transposed: set[str]) -> None:
     missing = [m for m in adapters if f"{m}.weight" not in shapes]
     if missing:
         raise QLoRAKitError(
@@ -159,7 +159,8 @@ def _check_shapes(adapters, shapes, adapter_dir: Path, checkpoint: Checkpoint) -
             f"e.g. {', '.join(missing[:3])}: it was trained on another architecture"
         )
     for module, (a, b) in adapters.items():
-        out_features, in_features = shapes[f"{module}.weight"]
+        shape = shapes[f"{module}.weight"]
+        out_features, in_features = shape[::-1] if f"{module}.weight" in transposed else shape
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
             raise QLoRAKitError(
                 f"adapter {adapter_dir}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the "
@@ -168,19 +169,29 @@ def _check_shapes(adapters, shapes, adapter_dir: Path, checkpoint: Checkpoint) -
             )
 
 
-def _quantized_weights(checkpoint: Checkpoint, quant: dict, model: ModelConfig) -> set[str]:
-    """Names of the weights training held in 4-bit, decided by the same code that loads the base.
+def _in_checkpoint_names(adapters: dict, shapes: dict, checkpoint: Checkpoint, quant: dict,
+                         model: ModelConfig) -> tuple[dict, set[str], set[str]]:
+    """The adapters keyed by the checkpoint's module names, and the checkpoint weights that training held
+    in 4-bit and that are stored (in, out) (a `Conv1D`'s).
 
-    The skeleton is built with the run's own model settings (attention kernel,
-    remote code), so a model that needs e.g. eager attention merges as it trained.
+    Decided by the code that loads the base (`loading.weight_layout`): transformers' renames
+    map the model's names back to the checkpoint's (GPT-NeoX's `lm_head` is stored as
+    `embed_out`), and the skeleton is built with the run's own model settings (attention
+    kernel, remote code), so a model that needs e.g. eager attention merges as it trained.
     """
-    from transformers import AutoConfig
+    from .loading import weight_layout
 
-    from .loading import build_skeleton
-
-    config = AutoConfig.from_pretrained(checkpoint.folder, trust_remote_code=model.trust_remote_code)
-    skeleton = build_skeleton(config, quantization.quant_config_from_record(quant), model)
-    return {f"{name}.weight" for name, module in skeleton.named_modules() if quantization.is_4bit_linear(module)}
+    layout = weight_layout(checkpoint, quantization.quant_config_from_record(quant), model)
+    model_key = {}
+    for name in shapes:
+        key, fused = layout.keys.target(name)
+        if fused is None:  # tensors fused on load (MoE experts) are no LoRA target; they pass through unchanged
+            model_key[name] = key
+    stored_as = {key: name for name, key in model_key.items()}
+    renamed = {m: stored_as.get(f"{m}.weight", f"{m}.weight").removesuffix(".weight") for m in adapters}
+    return ({renamed[m]: pair for m, pair in adapters.items()},
+            {name for name, key in model_key.items() if key in layout.quantized},
+            {name for name, key in model_key.items() if key in layout.transposed})
 
 
 def _read_config(folder: Path) -> dict:
@@ -222,6 +233,9 @@ def merged_tensor(name: str, tensor: torch.Tensor, plan: MergePlan, compute_dtyp
     """One output tensor: the base as training saw it (nf4) or as stored (original), plus the update."""
     if not tensor.is_floating_point():
         return tensor
+    flip = name in plan.transposed  # a Conv1D's (in, out) weight: merged as (out, in), written back as stored
+    if flip:
+        tensor = tensor.T
     if compute_dtype is not None:
         # What the 4-bit training model held: every float tensor in the compute dtype, the
         # 4-bit layers quantized from it (the same calls as loading).
@@ -240,6 +254,8 @@ def merged_tensor(name: str, tensor: torch.Tensor, plan: MergePlan, compute_dtyp
         del delta
         tensor = merged
     result = tensor.to(out_dtype)
+    if flip:
+        result = result.T.contiguous()
     if out_dtype == torch.float16 and not torch.isfinite(result).all():
         raise QLoRAKitError(f"{name} overflows float16 after merging; export with --dtype bfloat16 or float32")
     return result
@@ -256,8 +272,20 @@ def _write_export_manifest(folder: Path, plan: MergePlan, dtype: str) -> None:
         "merged_modules": len(plan.adapters),
         "scaling": plan.scaling,
         "adapter_manifest": plan.manifest,
+        "files": _weight_records(folder),
     }
     (folder / EXPORT_MANIFEST).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _weight_records(folder: Path) -> dict:
+    """Size and SHA-256 of the shards and index just written, checked whenever qlora_kit reads them back.
+
+    Read back from disk (the page cache, usually): what is recorded is what was written.
+    """
+    from .integrity import record_files
+
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_FILE)
+    return record_files(folder, names)
 
 
 def _trimmer(max_shard_bytes: int) -> memory.FreedMemory:
@@ -325,7 +353,8 @@ def dequantize(src: str | os.PathLike, out_dir: str | os.PathLike, *, progress: 
         copy_side_files(checkpoint.folder, tmp)
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(
             {"kind": "dequantize", "dtype": dtype, "source": checkpoint.source,
-             "quantization_config": config.get("quantization_config")}, indent=2) + "\n")
+             "quantization_config": config.get("quantization_config"), "files": _weight_records(tmp)},
+            indent=2) + "\n")
     return ExportResult(out_dir=Path(opts.out_dir), files=files, tensors=count, bytes=writer.total_bytes,
                         seconds=time.monotonic() - started)
 

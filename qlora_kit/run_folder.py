@@ -1,6 +1,8 @@
 """The run folder: metrics, loss curve, generation samples and a summary a reader can open.
 
     <output_dir>/
+      qlora_kit_run.json  marks the folder as a qlora_kit run (written first): train writes only into
+                          new or empty folders and its own runs, and resumes only its own runs
       config.yaml         the resolved configuration (defaults and overrides applied)
       metrics.jsonl       one JSON object per logged step: step, loss, lr, eval_loss when evaluated
       loss_curve.png      train and eval loss against step
@@ -18,13 +20,45 @@ import json
 import logging
 from pathlib import Path
 
-from . import atomic
+from . import __version__, atomic
+from .errors import QLoRAKitError
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+RUN_MARKER = "qlora_kit_run.json"
+# Run folders written before the marker existed: a resolved config next to metrics.
+_LEGACY_RUN_FILES = ("config.yaml", METRICS_FILE)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` is a qlora_kit training run folder.
+
+    Its marker; or, for runs from before the marker, config.yaml + metrics.jsonl; or
+    qlora_kit checkpoints (e.g. one copied into a new folder to resume from).
+    """
+    return ((folder / RUN_MARKER).is_file() or all((folder / name).is_file() for name in _LEGACY_RUN_FILES)
+            or any(folder.glob("checkpoints/step-*/adapter/qlora_kit.json")))
+
+
+def write_run_marker(folder: Path) -> None:
+    """Mark `folder` as a qlora_kit run (kept if already there: it records when the run began)."""
+    if not (folder / RUN_MARKER).is_file():
+        from datetime import datetime, timezone
+
+        atomic.write_json(folder / RUN_MARKER, {
+            "kind": "qlora_kit training run", "qlora_kit": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
 
 
 class MetricsLog:
-    """Appends one JSON line per logged step; a resumed run drops lines past its checkpoint."""
+    """Appends one JSON line per logged step; a resumed run drops lines past its checkpoint.
+
+    A kill during an append can leave a partial last line: reading drops it (with a
+    warning), and resuming rewrites the file without it. Any other unreadable line
+    was not left by a kill, and is an error naming the line.
+    """
 
     def __init__(self, folder: Path, resume_step: int | None = None, enabled: bool = True):
         self.path = folder / METRICS_FILE
@@ -32,8 +66,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [json.dumps(record) for record in self.records() if record["step"] <= resume_step]
             atomic.write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
             atomic.write_text(self.path, "")
@@ -45,7 +78,30 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, dropping a torn last line (what a kill during an append leaves)."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as exc:
+            if i == len(numbered) - 1:
+                log.warning("%s: dropping its last line, left incomplete by a run stopped while writing it (%s)",
+                            path, exc)
+                break
+            raise QLoRAKitError(
+                f"{path}, line {number}: not a metrics record ({exc}); the file was edited or damaged. "
+                "Fix or delete that line, then run again"
+            ) from exc
+        records.append(record)
+    return records
 
 
 def plot_loss_curve(records: list[dict], path: Path) -> None:

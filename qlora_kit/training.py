@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -37,13 +38,16 @@ from .data import (IGNORE_INDEX, PreparedData, batch_indices, check_rows, collat
 from .errors import QLoRAKitError
 from .evaluation import token_loss
 from .loading import load_base
-from .lora import apply_lora, parameter_counts, set_adapters_enabled, trainable_parameters
+from .lora import apply_lora, parameter_counts, select_targets, set_adapters_enabled, trainable_parameters
 from .losses import SupervisedLoss, perplexity
+from .offload import enable_activation_offloading
 from .precision import resolve_mixed_precision, torch_dtype
-from .run_folder import MetricsLog, add_file_log, plot_loss_curve, write_run_readme, write_samples
+from .run_folder import (METRICS_FILE, RUN_MARKER, MetricsLog, add_file_log, is_run_folder, plot_loss_curve,
+                         write_run_marker, write_run_readme, write_samples)
 from .settings import RunConfig, TrainConfig
 from .training_state import (LoopState, check_resumable, gathered_adapter, list_checkpoints, load_adapter_state,
-                             load_training_state, remove_partial_checkpoints, save_checkpoint)
+                             load_training_state, newest_intact_checkpoint, remove_partial_checkpoints,
+                             save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,8 @@ def train(run: RunConfig) -> dict:
     package_log = logging.getLogger("qlora_kit")
     level = package_log.level
     if not main:
-        package_log.setLevel(max(level, logging.WARNING))  # one process tells the story; any reports trouble
+        # One process tells the story (warnings about the data or config would repeat); all report errors.
+        package_log.setLevel(max(level, logging.ERROR))
     try:
         log.info("data: %d rows in %s checked", rows, run.data.path)
         if accelerator.num_processes > 1:
@@ -92,7 +97,7 @@ def train(run: RunConfig) -> dict:
 
 def _resume_point(out: Path, cfg: TrainConfig, accelerator) -> Path | None:
     """The checkpoint to resume from (None: a fresh run), refused if this launch cannot continue it."""
-    resume_from = _prepare_output_dir(out, cfg.resume)
+    resume_from = _prepare_output_dir(out, cfg.resume, cfg.overwrite)
     if resume_from is not None:
         check_resumable(resume_from, accelerator.num_processes, accelerator.is_fsdp2)
     return resume_from
@@ -108,6 +113,7 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
     # shards to its GPU, so no GPU ever holds the whole 4-bit model.
     load_device = "cpu" if fsdp else str(accelerator.device)
     model, tokenizer, base = load_base(replace(run.model, device=load_device), run.quant)
+    _checked(lambda: select_targets(model, run.lora.target_modules))  # layers LoRA can wrap, before the data
     data = prepare_data(run.data, tokenizer, seed=cfg.seed)
     _checked(lambda: _check_processes(data, world))
     _log_data(data)
@@ -118,6 +124,8 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
              100 * counts["trainable"] / counts["total"])
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.activation_offloading:
+        enable_activation_offloading(model, accelerator.device)  # a logged no-op on the CPU
     model.config.use_cache = False
 
     # Each process reads its own slice of every global batch of batch_size x processes examples.
@@ -166,13 +174,13 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
         step_start = time.perf_counter()
         group = _next_micro_batches(data, cfg, state, micro_per_epoch, accelerator)
         loss_sum, n_tokens = _accumulate(loss_fn, group, data.pad_id, mask_dtype, accelerator)
-        if not math.isfinite(loss_sum):
-            _stop_non_finite(out, "loss", loss_sum, state.step + 1)
+        if not math.isfinite(loss_sum):  # reduced over processes: every one stops here
+            _stop(_non_finite(out, "loss", loss_sum, state.step + 1))
         grad_norm = _clip(accelerator, loss_fn, cfg.max_grad_norm)
         # Under fp16 an overflow makes the norm inf: the loss scaler skips that update and
         # lowers its scale, as every trainer does. Without a scaler it is a real divergence.
         if grad_norm is not None and not math.isfinite(grad_norm) and accelerator.scaler is None:
-            _stop_non_finite(out, "gradient norm", grad_norm, state.step + 1)
+            _stop(_non_finite(out, "gradient norm", grad_norm, state.step + 1))
         optimizer.step()
         if not optimizer.step_was_skipped:
             scheduler.step()
@@ -198,15 +206,13 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
                              **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
         progress.update(1)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
-            if main:
-                save_checkpoint(out / "checkpoints", model, base, optimizer, scheduler, state, cfg.keep_checkpoints)
-            accelerator.wait_for_everyone()
+            # Every process: each gives its RNG state (under FSDP, its shards too); the main one writes.
+            save_checkpoint(out / "checkpoints", model, base, optimizer, scheduler, state, cfg.keep_checkpoints,
+                            accelerator=accelerator)
     progress.close()
     if accelerator.trackers:
         accelerator.end_training()
-    if not main:
-        return {}
-    return _finish(run, out, model, tokenizer, base, data, state, metrics, before, accelerator)
+    return _finish(run, out, model, base, data, state, metrics, before, accelerator, counts, samples)
 
 
 # The package each `train.report_to` tracker needs.
@@ -236,36 +242,189 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _stop_non_finite(out: Path, what: str, value: float, step: int) -> None:
+def _non_finite(out: Path, what: str, value: float, step: int) -> QLoRAKitError:
     last = list_checkpoints(out / "checkpoints")
-    raise QLoRAKitError(
+    return QLoRAKitError(
         f"the {what} became {value} at step {step}; training stopped before applying it. "
         f"Last good checkpoint: {last[-1] if last else 'none'}. Lower train.learning_rate, "
         "keep train.max_grad_norm > 0, or check the data for extreme examples"
     )
 
 
+# ---------------------------------------------------------------- several processes
+
+
+def _is_main_process() -> bool:
+    """Whether this is the main process; readable before the processes have connected."""
+    return int(os.environ.get("RANK", "0")) == 0  # set by torchrun and accelerate launch
+
+
+def _stop(error: QLoRAKitError):
+    """End every process for a problem every one of them found: the main process raises it.
+
+    The others leave with the same exit status, after giving the launcher time to end
+    them once the main process has printed the message and exited: one message, and
+    no process left waiting at a collective the others will never reach.
+    """
+    if _is_main_process():
+        raise error
+    time.sleep(QUIET_EXIT_WAIT_S)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def _checked(fn):
+    """`fn()`, which finds the same problems on every process (same config, same files): reported once."""
+    try:
+        return fn()
+    except QLoRAKitError as exc:
+        _stop(exc)
+
+
+def _on_main(accelerator, fn):
+    """`fn()` run by the main process alone (e.g. on the run folder), its result given to every process.
+
+    A QLoRAKitError it raises stops every process, reported once, by the main process.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except QLoRAKitError as exc:
+            error = exc
+    if accelerator.num_processes > 1:
+        result, failed = broadcast_object_list([result, error is not None])
+        if failed and error is None:
+            _stop(QLoRAKitError("stopped by the main process"))  # not the main process: leaves quietly
+    if error is not None:
+        raise error
+    return result
+
+
+def uses_fsdp(cfg: TrainConfig) -> bool:
+    """Whether the run shards its model: `train.distributed=fsdp`, or auto under `accelerate launch --use_fsdp`."""
+    launched_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if cfg.distributed == "ddp" and launched_fsdp:
+        raise QLoRAKitError("train.distributed=ddp, but the run was launched with `accelerate launch --use_fsdp`: "
+                            "drop one of them")
+    return cfg.distributed == "fsdp" or (cfg.distributed == "auto" and launched_fsdp)
+
+
+def _fsdp_plugin(offload: bool):
+    """Accelerate's FSDP2 plugin; what is not set here comes from `accelerate launch --fsdp_*` flags.
+
+    Each decoder layer is one FSDP unit. No mixed-precision policy: parameters keep their
+    dtypes (fp32 adapters, the 4-bit base in bf16 containers) and the forward runs under
+    the same autocast as DDP and one process do, so all three compute the same numbers.
+    """
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy=None if "FSDP_AUTO_WRAP_POLICY" in os.environ else "transformer_based_wrap",
+        # None: as `accelerate launch --fsdp_offload_params` says; never on the CPU (nothing to offload to).
+        cpu_offload=True if offload else (None if torch.cuda.is_available() else False),
+        mixed_precision_policy=MixedPrecisionPolicy(),
+    )
+
+
+def _check_fsdp(run: RunConfig) -> None:
+    if run.quant.quant_storage == "uint8":
+        raise QLoRAKitError(
+            "FSDP shards floating-point parameters only: 4-bit weights packed in uint8 would stay whole on "
+            "every GPU. Set quant.quant_storage=bfloat16 (the same packed weights, in bfloat16 containers)"
+        )
+    if run.train.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        raise QLoRAKitError(
+            f"train.optimizer={run.train.optimizer} cannot run under FSDP: bitsandbytes' 8-bit optimizer "
+            "kernels have no rule for FSDP's sharded (DTensor) parameters. Use train.optimizer=adamw (or auto)"
+        )
+
+
+def _check_processes(data: PreparedData, world: int) -> None:
+    if len(data.train) < world:
+        raise QLoRAKitError(
+            f"{world} processes but only {len(data.train)} training example(s): every process needs at least "
+            f"one example per step. Launch at most {len(data.train)} processes, or give more data"
+        )
+
+
+def _fsdp_units(accelerator, model) -> None:
+    """Make each decoder layer an FSDP unit (the layer classes transformers never splits)."""
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap is None:
+        names = list(getattr(model, "_no_split_modules", None) or [])
+        if not names:
+            log.warning("%s names no decoder-layer class: FSDP gathers the whole model at once", type(model).__name__)
+        plugin.transformer_cls_names_to_wrap = names
+
+
+def _after_fsdp_prepare(accelerator, model, loss_fn) -> None:
+    """What Accelerate's FSDP2 path leaves to us: autocast, and the 4-bit constants on the GPU.
+
+    Sharding turns each 4-bit weight into a plain (sharded) tensor; bitsandbytes then
+    finds its quantization constants on the layer (`Linear4bit.quant_state`), which
+    stay whole on every process and must be where the layer computes.
+    """
+    forward = loss_fn.forward
+
+    def autocast_forward(*args, **kwargs):
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+
+    loss_fn.forward = autocast_forward
+    quantization.quant_states_to(model, accelerator.device)
+
+
 def make_accelerator(cfg: TrainConfig, out: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     precision = resolve_mixed_precision(cfg.mixed_precision, cuda)
+    fsdp = uses_fsdp(cfg)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # set by torchrun and accelerate launch
+    offload = fsdp and cfg.fsdp_cpu_offload and cuda and several  # on the CPU the shards are in host RAM already
+    if offload:
+        # What `accelerate launch --use_fsdp --fsdp_offload_params true` sets: Accelerate then adds
+        # a gloo backend for CPU tensors, which gathering offloaded shards (adapter, optimizer) needs.
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_OFFLOAD_PARAMS"] = "true"
+    plugin = _fsdp_plugin(offload) if fsdp else None
     # A previous train() in this process (a notebook, a sweep) leaves its precision in
     # Accelerate's global state; reset it, keeping the distributed setup (PartialState).
     AcceleratorState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=precision,
         cpu=not cuda,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(out),
+        fsdp_plugin=plugin,
+        # A process whose partners died or hang fails after this long instead of waiting forever.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed_timeout_s))],
     )
+    if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # Accelerate turns FSDP on for GPUs (and other accelerators) only; on the CPU, where
+        # the multi-process tests run, the same FSDP2 path (over gloo) is switched on here,
+        # in both of its shared states, as Accelerate does it for a GPU.
+        from accelerate.state import PartialState
+
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    elif fsdp and not accelerator.is_fsdp2:
+        log.warning("train.distributed=fsdp has no effect on a single process: training without sharding")
+    return accelerator
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device):
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device, sharded: bool = False):
+    """The optimizer `train.optimizer` names; `sharded`: FSDP's parameters, which 8-bit optimizers cannot update."""
     name = cfg.optimizer
     if name == "auto":
-        name = "paged_adamw_8bit" if device.type == "cuda" else "adamw"
+        name = "paged_adamw_8bit" if device.type == "cuda" and not sharded else "adamw"
     if name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return quantization.eight_bit_optimizer(name, params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -292,6 +451,9 @@ def _next_micro_batches(data: PreparedData, cfg: TrainConfig, state: LoopState, 
     function of (seed, epoch), and process i takes the i-th slice of each, so the
     processes read disjoint examples, one process reads what several would, and a
     resumed run that restores (epoch, batch_in_epoch) reads exactly the same batches.
+    A process whose slice of a short last batch is empty gets one example without
+    targets: it adds no loss and no tokens, but runs the forward and backward in
+    which DDP and FSDP exchange gradients and weights with the other processes.
     """
     group = []
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -301,9 +463,15 @@ def _next_micro_batches(data: PreparedData, cfg: TrainConfig, state: LoopState, 
             state.batch_in_epoch = 0
         order = batch_indices(len(data.train), cfg.batch_size * world, cfg.seed, state.epoch)
         global_batch = order[state.batch_in_epoch]
-        group.append([data.train[i] for i in global_batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]])
+        mine = [data.train[i] for i in global_batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
+        group.append(mine or [_without_targets(data.train[global_batch[0]])])
         state.batch_in_epoch += 1
     return group
+
+
+def _without_targets(example: dict) -> dict:
+    """The example with every label ignored: a forward pass that contributes nothing."""
+    return {**example, "labels": [IGNORE_INDEX] * len(example["labels"])}
 
 
 def _accumulate(loss_fn, group, pad_id, mask_dtype, accelerator) -> tuple[float, int]:
@@ -325,7 +493,7 @@ def _accumulate(loss_fn, group, pad_id, mask_dtype, accelerator) -> tuple[float,
             loss_sum, _ = loss_fn(batch)
             accelerator.backward(loss_sum * scale)
         loss_total += float(loss_sum.detach())
-    reduced = float(accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum"))
+    reduced = float(accelerator.reduce(torch.tensor(loss_total, dtype=torch.float64, device=accelerator.device), "sum"))
     return reduced, total_tokens
 
 
@@ -337,49 +505,119 @@ def _clip(accelerator, module, max_norm: float) -> float | None:
 
 
 def evaluate(loss_fn, data: PreparedData, cfg: TrainConfig, accelerator) -> dict:
-    """Token-weighted mean loss and perplexity on the held-out set (empty dict if there is none)."""
+    """Token-weighted mean loss and perplexity on the held-out set (empty dict if there is none).
+
+    Under several processes each evaluates its share of the batches and the sums are
+    added up: the same numbers as one process, in 1/N of the time.
+    """
     if not data.eval:
         return {}
-    total, count = token_loss(loss_fn, data.eval, data.pad_id, batch_size=cfg.batch_size,
-                              device=accelerator.device, max_batches=cfg.eval_batches)
+    examples = data.eval if cfg.eval_batches is None else data.eval[: cfg.eval_batches * cfg.batch_size]
+    world = accelerator.num_processes
+    mine = _eval_share(examples, cfg.batch_size, world, accelerator.process_index)
+    total, count = token_loss(loss_fn, mine, data.pad_id, batch_size=cfg.batch_size, device=accelerator.device)
+    if world > 1:
+        sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
+        total, count = float(sums[0]), int(sums[1])
     loss = total / max(count, 1)
     return {"eval_loss": round(loss, 6), "eval_ppl": round(perplexity(loss), 4)}
 
 
-def generate_samples(model, tokenizer, data: PreparedData, cfg: TrainConfig) -> list[str]:
-    """Greedy continuations of the first held-out prompts."""
+def _eval_share(examples: list[dict], batch_size: int, world: int, rank: int) -> list[dict]:
+    """This process's held-out examples: batch j of the shortest-first order goes to process j % world.
+
+    Every process gets as many batches as the others (an example without targets
+    makes up a missing one): under FSDP each forward gathers weights from all of them.
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    mine = batches[rank::world]
+    share = [examples[i] for batch in mine for i in batch]
+    if world > 1 and len(mine) < math.ceil(len(batches) / world):
+        share.append(_without_targets(examples[order[0]]))
+    return share
+
+
+def generate_samples(model, tokenizer, data: PreparedData, cfg: TrainConfig, *, device: torch.device | None = None,
+                     synced: bool = False) -> list[str]:
+    """Greedy continuations of the first held-out prompts.
+
+    `synced`: every process generates (FSDP), each forward step in step with the
+    others until all are done, as transformers' `synced_gpus` does.
+    """
     if not cfg.sample_prompts:
         return []
     was_training = model.training
     model.eval()
-    device = next(p for p in model.parameters()).device
+    device = device or next(p for p in model.parameters()).device
     answers = []
     for ids in data.eval_prompt_ids[: cfg.sample_prompts]:
         prompt = torch.tensor([ids], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                  max_new_tokens=cfg.sample_max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=data.pad_id)
+                                 pad_token_id=data.pad_id, **({"synced_gpus": True} if synced else {}))
         answers.append(tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True))
     model.train(was_training)
     return answers
 
 
-def _samples_before(out: Path, model, tokenizer, data, cfg, fresh: bool) -> list[str]:
-    """Base-model generations, computed once per run and kept across resumes."""
+def _samples(model, tokenizer, data, cfg, accelerator, loss_fn) -> list[str]:
+    """`generate_samples` on the main process (the others get []).
+
+    Under FSDP every process generates, in step (each layer's forward gathers its
+    shards from all of them), with the root unit's weights (embeddings, final norm,
+    head) gathered for the duration: generation does not enter through the root's forward.
+    """
+    if not accelerator.is_fsdp2:
+        main = accelerator.is_main_process
+        return generate_samples(model, tokenizer, data, cfg, device=accelerator.device) if main else []
+    if not cfg.sample_prompts or not data.eval_prompt_ids:
+        return []
+    # FSDP sets itself up on the first forward through its root, which generation bypasses:
+    # one forward of the first prompt (no targets) through the root makes sure it has run.
+    ids = torch.tensor(data.eval_prompt_ids[:1], device=accelerator.device)
+    was_training = loss_fn.training
+    loss_fn.eval()
+    with torch.no_grad():
+        loss_fn({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX)})
+    loss_fn.train(was_training)
+    loss_fn.unshard()
+    try:
+        return generate_samples(model, tokenizer, data, cfg, device=accelerator.device, synced=True)
+    finally:
+        loss_fn.reshard()
+
+
+def _samples_before(out: Path, model, samples, fresh: bool, main: bool) -> list[str]:
+    """Base-model generations (`samples()`), computed once per run and kept across resumes."""
     path = out / "samples_before.json"
     if not fresh and path.is_file():
-        return json.loads(path.read_text())
+        # Every process reads it: whether to generate again must be decided alike (FSDP generates together).
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+            if not (isinstance(kept, list) and all(isinstance(s, str) for s in kept)):
+                raise ValueError("not a list of strings")
+            return kept if main else []
+        except ValueError as exc:  # a truncated or damaged file (UnicodeDecodeError is a ValueError)
+            log.warning("%s is damaged (%s): generating the base model's samples again", path, exc)
     set_adapters_enabled(model, False)
-    answers = generate_samples(model, tokenizer, data, cfg)
+    answers = samples()
     set_adapters_enabled(model, True)
-    atomic.write_json(path, answers)
+    if main:
+        atomic.write_json(path, answers)
     return answers
 
 
-def _finish(run, out, model, tokenizer, base, data, state, metrics, before, accelerator) -> dict:
-    save_adapter(model, out / RUN_ADAPTER_DIR, base=base, extra={"step": state.step})
-    after = generate_samples(model, tokenizer, data, run.train)
+def _finish(run, out, model, base, data, state, metrics, before, accelerator, counts, samples) -> dict:
+    """Write the final adapter, samples, loss curve and summary; every process calls it, the main one writes."""
+    main = accelerator.is_main_process
+    with gathered_adapter(model, main):  # under FSDP: the whole adapter, on the main process
+        if main:
+            save_adapter(model, out / RUN_ADAPTER_DIR, base=base, extra={"step": state.step})
+    after = samples()
+    if not main:
+        return {}
     write_samples(out / "samples.md", data.eval_prompts[: len(after)], before, after, data.eval_references)
     records = metrics.records()
     plot_loss_curve(records, out / "loss_curve.png")
@@ -395,7 +633,8 @@ def _finish(run, out, model, tokenizer, base, data, state, metrics, before, acce
         "final_eval_ppl": evals[-1]["eval_ppl"] if evals else None,
         "final_train_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
         "peak_memory_mb": _peak_memory_mb(accelerator.device),
-        "parameters": parameter_counts(model),
+        "parameters": counts,
+        "processes": accelerator.num_processes,
         "data": data.stats,
         "device": str(accelerator.device),
         "mixed_precision": accelerator.mixed_precision,
@@ -414,20 +653,86 @@ def _peak_memory_mb(device: torch.device) -> float:
     return round(memory.peak_rss_mb(), 1)
 
 
-def _prepare_output_dir(out: Path, resume: bool) -> Path | None:
-    """Return the checkpoint to resume from; refuse to mix a new run into an old folder."""
-    remove_partial_checkpoints(out / "checkpoints")  # left by a run killed mid-write; first, as it may put one back
-    checkpoints = list_checkpoints(out / "checkpoints")
-    if resume:
-        if checkpoints:
-            return checkpoints[-1]
-    elif (out / "metrics.jsonl").exists() or checkpoints:
+def _prepare_output_dir(out: Path, resume: bool, overwrite: bool = False) -> Path | None:
+    """Return the checkpoint to resume from (None: start at step 0), after checking `out` may hold the run.
+
+    train writes only into a new or empty folder or one of its own run folders
+    (marked by `RUN_MARKER`, written here first), and nothing outside it; `overwrite`
+    first deletes what any other folder holds. A run is refused when it would mix
+    with or silently replace an earlier one: a new run into a used run folder, or a
+    resume of a finished run that has no checkpoint left to continue from.
+    """
+    _check_output_dir(out)
+    if resume and overwrite:
+        raise QLoRAKitError("train.resume and train.overwrite contradict each other: resume continues the run in "
+                            "train.output_dir, overwrite deletes it first. Pass only one of them")
+    if out.exists() and not out.is_dir():
+        raise QLoRAKitError(f"train.output_dir {out} is a file, not a folder; name a folder for the run")
+    used = out.is_dir() and any(out.iterdir())
+    if used and overwrite:
+        log.warning("train.overwrite: deleting everything in %s to start a new run there", out)
+        _empty_folder(out)
+    elif used and not is_run_folder(out):
         raise QLoRAKitError(
-            f"{out} already holds a run. Continue it with train.resume=true, "
-            "or choose a new train.output_dir"
+            f"{out} is not empty and is not a qlora_kit run folder (it has no {RUN_MARKER}): train writes only "
+            "into a new or empty folder, or one of its own runs, so that it never mixes with or deletes other "
+            "files. Choose another train.output_dir, or pass --overwrite (train.overwrite=true) to delete "
+            f"what {out} holds and train there"
         )
+    elif used:
+        atomic.remove_stale(out)  # what a run killed while writing left, e.g. a half-saved final adapter
+        remove_partial_checkpoints(out / "checkpoints")  # first, as it may put one back
+        checkpoints = list_checkpoints(out / "checkpoints")
+        finished = (out / "summary.json").is_file() or (out / RUN_ADAPTER_DIR).is_dir()
+        if resume and checkpoints:
+            write_run_marker(out)  # a run from before the marker gets one
+            return newest_intact_checkpoint(out / "checkpoints")
+        if resume and finished:
+            raise QLoRAKitError(
+                f"{out} holds a finished run (summary.json, {RUN_ADAPTER_DIR}/) and no checkpoint to continue "
+                "from, so there is nothing to resume: resuming would train it again from step 0 and replace its "
+                "adapter. Keep it and train into a new train.output_dir, or start it over with --overwrite "
+                "(train.overwrite=true) instead of --resume"
+            )
+        if not resume and ((out / METRICS_FILE).exists() or checkpoints or finished):
+            raise QLoRAKitError(
+                f"{out} already holds a run. Continue it from its last checkpoint with --resume "
+                "(qlora-kit train CONFIG --resume, or train.resume=true), start it over with --overwrite "
+                "(train.overwrite=true), or choose a new train.output_dir"
+            )
     out.mkdir(parents=True, exist_ok=True)
+    write_run_marker(out)
     return None
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse an output folder that is not a folder of its own: '', '.', the home folder, '/', or above them."""
+    if str(out).strip() in ("", "."):
+        raise QLoRAKitError("train.output_dir is empty or '.': name a folder of its own for the run, "
+                            "e.g. train.output_dir=runs/my-run")
+    target = out.expanduser().resolve()
+    places = {Path(target.anchor): "the filesystem root", Path.cwd().resolve(): "the current folder"}
+    try:
+        places[Path.home().resolve()] = "your home folder"
+    except RuntimeError:
+        pass  # no home folder known
+    exact = [what for place, what in places.items() if target == place]
+    above = [f"a folder holding {what}" for place, what in places.items() if target in place.parents]
+    if exact or above:
+        raise QLoRAKitError(
+            f"train.output_dir {out} is {(exact or above)[0]}: a run needs a folder of its own (train fills it, "
+            "and --overwrite would empty it). Name one, e.g. train.output_dir=runs/my-run"
+        )
+
+
+def _empty_folder(folder: Path) -> None:
+    """Delete what `folder` holds (the run marker first: a half-emptied folder is not taken for a run)."""
+    entries = sorted(folder.iterdir(), key=lambda p: p.name != RUN_MARKER)
+    for path in entries:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _log_data(data: PreparedData) -> None:

@@ -164,3 +164,12 @@ def test_garbage_manifest_is_a_clear_error(tmp_path, tiny_llama_dir):
     fresh, _, fresh_base = load_base(str(tiny_llama_dir))
     with pytest.raises(QLoRAKitError, match="qlora_kit.json is not valid JSON"):
         load_adapter(fresh, tmp_path / "a", base=fresh_base)
+
+
+def test_an_adapter_on_a_gguf_base_records_the_gguf_file(tmp_path, smollm2_dir):
+    model, _, base = load_base("smollm2-135m-instruct")
+    apply_lora(model, LoRAConfig(rank=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a", base=base)
+    recorded = json.loads((tmp_path / "a" / MANIFEST_FILE).read_text())["base"]["gguf"]
+    assert recorded["gguf_file"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and len(recorded["gguf_sha256"]) == 64
+    assert recorded["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -190,7 +190,7 @@ def test_refuses_adapter_shapes_or_modules_the_base_lacks(tiny_adapter, tmp_path
 def test_run_folder_overwrite_and_bad_arguments(tiny_adapter, tmp_path):
     run = tmp_path / "run"
     _copy_adapter(tiny_adapter, run / "adapter")
-    (run / "config.yaml").write_text("lora: {rank: 4}\n")
+    (run / "config.yaml").write_text(f"lora: {{rank: 4}}\ndata: {{path: {tmp_path / 'data.jsonl'}}}\n")
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous export")
@@ -201,16 +201,26 @@ def test_run_folder_overwrite_and_bad_arguments(tiny_adapter, tmp_path):
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     with pytest.raises(QLoRAKitError, match="neither an adapter folder.*nor a run folder"):
         merge(tmp_path, tmp_path / "x", progress=False)
-    with pytest.raises(QLoRAKitError, match="unknown merge mode"):
+    with pytest.raises(QLoRAKitError, match="mode: expected one of nf4, original; got 'int8'"):
         merge(run, tmp_path / "x", mode="int8", progress=False)
     with pytest.raises(QLoRAKitError, match="invalid size"):
         merge(run, tmp_path / "x", max_shard_size="lots", progress=False)
 
 
-def test_failed_verification_leaves_no_export(tiny_adapter, tmp_path):
+def test_failed_verification_leaves_no_export(tiny_adapter, tmp_path, monkeypatch):
+    from qlora_kit import verify
+
+    real = verify.verify_export
+
+    def failing(*args, **kwargs):  # the real comparison, judged as failed
+        return {**real(*args, **kwargs), "passed": False}
+
+    monkeypatch.setattr(verify, "verify_export", failing)
     with pytest.raises(QLoRAKitError, match="verification failed, export not written"):
-        merge(tiny_adapter, tmp_path / "out", verify=1, min_agreement=1.01, progress=False)
+        merge(tiny_adapter, tmp_path / "out", verify=1, progress=False)
     assert os.listdir(tmp_path) == []
+    with pytest.raises(QLoRAKitError, match="min-agreement: must be >= 0 and <= 1|min_agreement: must be"):
+        merge(tiny_adapter, tmp_path / "out", min_agreement=1.01, progress=False)
 
 
 # --------------------------------------------------------------------------- streaming RAM and atomicity

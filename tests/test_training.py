@@ -188,7 +188,7 @@ def test_checkpoints_hold_everything_needed_to_resume(finished_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]  # no .tmp left
     for folder in folders:
         for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/qlora_kit.json",
-                     "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"):
+                     "optimizer.pt", "scheduler.pt", "rng-rank0.pt", "state.json"):
             assert (folder / name).is_file(), folder / name
         state = json.loads((folder / "state.json").read_text())
         step = int(folder.name.split("-")[1])
@@ -206,9 +206,10 @@ def test_new_run_into_a_used_folder_is_refused(finished_run):
     assert "train.resume=true" in str(info.value)
     assert (out / "metrics.jsonl").read_bytes() == before
 
-    # A folder with only metrics (a run killed before its first checkpoint) is a run too.
+    # A run killed before its first checkpoint (its marker and metrics only) is a run too.
     partial = out.parent / "partial"
     partial.mkdir()
+    (partial / "qlora_kit_run.json").write_text('{"kind": "qlora_kit training run"}\n')
     (partial / "metrics.jsonl").write_text('{"step": 0, "loss": null, "lr": 0.001}\n')
     with pytest.raises(QLoRAKitError, match="train.resume=true"):
         train(load_recipe(None, [f"model.base={run.model.base}", f"data.path={run.data.path}",
@@ -218,6 +219,7 @@ def test_new_run_into_a_used_folder_is_refused(finished_run):
 def test_resume_without_a_checkpoint_starts_from_step_zero(tiny_llama_dir, faq16, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (out / "qlora_kit_run.json").write_text('{"kind": "qlora_kit training run"}\n')  # a run killed before step 2
     (out / "metrics.jsonl").write_text('{"step": 0, "loss": null, "lr": 1.0}\n{"step": 1, "loss": 9.0, "lr": 1.0}\n')
     summary = train(recipe(tiny_llama_dir, faq16, out, "train.max_steps=2", "train.resume=true",
                            "data.eval_fraction=0"))
