@@ -157,6 +157,19 @@ def add_file_log(folder: Path) -> logging.Handler:
     return handler
 
 
+# What a run folder may hold; its README lists those that are there.
+RUN_FILES = {
+    "config.yaml": "the resolved config",
+    "metrics.jsonl": "one line per logged step",
+    "loss_curve.png": "train and eval loss",
+    "samples.md": "generations before and after training",
+    "adapter/": "the final adapter, PEFT format",
+    "checkpoints/": "for resume",
+    "summary.json": "the final numbers",
+    "train.log": "the log",
+}
+
+
 def write_run_readme(folder: Path, run, summary: dict) -> None:
     """A short README.md so the folder explains itself to whoever opens it later."""
     lines = [
@@ -174,8 +187,8 @@ def write_run_readme(folder: Path, run, summary: dict) -> None:
         f"| tokens/s | {summary['tokens_per_s']} |",
         f"| peak memory (MB) | {summary['peak_memory_mb']} |",
         "",
-        "Files: `config.yaml` (resolved config), `metrics.jsonl`, `loss_curve.png`, `samples.md`,",
-        "`adapter/` (PEFT format), `checkpoints/`, `summary.json`, `train.log`.",
+        "Files: " + ", ".join(f"`{name}` ({what})" for name, what in RUN_FILES.items()
+                              if (folder / name.rstrip("/")).exists() or name == "summary.json") + ".",
         "",
         "Next:",
         "",

@@ -150,6 +150,9 @@ def test_run_writes_every_file_of_the_run_folder(finished_run):
 
     readme = (out / "README.md").read_text()
     assert "| steps | 5 |" in readme and str(run.model.base) in readme
+    listed = {name for name in ("config.yaml", "adapter/", "checkpoints/", "train.log") if f"`{name}`" in readme}
+    assert listed == {name for name in ("config.yaml", "adapter/", "checkpoints/", "train.log")
+                      if (out / name.rstrip("/")).exists()}  # lists what is there, nothing more
 
 
 def test_train_log_records_the_run(finished_run):
