@@ -66,9 +66,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = load_recipe(args.config, overrides)
     args.log_file = Path(run.train.output_dir) / "train.log"  # where an unexpected error's traceback goes
     summary = train(run)
-    print(json.dumps({k: summary[k] for k in ("steps", "first_eval_loss", "final_eval_loss", "final_eval_ppl",
-                                              "train_time_s") if k in summary}))
-    print(f"run folder: {run.train.output_dir}")
+    if summary:  # under several processes only the main one returns the summary
+        print(json.dumps({k: summary[k] for k in ("steps", "first_eval_loss", "final_eval_loss", "final_eval_ppl",
+                                                  "train_time_s") if k in summary}))
+        print(f"run folder: {run.train.output_dir}")
     return 0
 
 

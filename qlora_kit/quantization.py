@@ -25,6 +25,7 @@ finally:
 import torch.nn.functional as F
 from torch import nn
 
+from . import layers
 from .precision import torch_dtype
 from .settings import QuantConfig
 
@@ -55,11 +56,17 @@ def is_4bit_linear(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-def empty_linear4bit(linear: nn.Linear, cfg: QuantConfig) -> nn.Module:
-    """A `Linear4bit` on the meta device with the shape of `linear`, to be filled by `quantize_into`."""
-    return bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
+def empty_linear4bit(linear: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """A `Linear4bit` on the meta device with the shape of `linear`, to be filled by `quantize_into`.
+
+    `linear` is an `nn.Linear` or a transformers `Conv1D`; as transformers does, the
+    new layer records the class it replaces (`source_cls`), so a `Conv1D`'s (in, out)
+    checkpoint weight is transposed when it is quantized (`layers.stores_transposed`).
+    """
+    in_features, out_features = layers.features(linear)
+    module = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
         bias=linear.bias is not None,
         compute_dtype=torch_dtype(cfg.compute_dtype),
         compress_statistics=cfg.double_quant,
@@ -67,6 +74,8 @@ def empty_linear4bit(linear: nn.Linear, cfg: QuantConfig) -> nn.Module:
         quant_storage=torch_dtype(cfg.quant_storage),
         device="meta",
     )
+    module.source_cls = type(linear)
+    return module
 
 
 def quantize_into(module: nn.Module, weight: torch.Tensor, device: torch.device) -> None:
@@ -115,6 +124,21 @@ def guard_cpu_gradients(model: nn.Module) -> int:
     for module in model.modules():
         if is_4bit_linear(module):
             module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def quant_states_to(model: nn.Module, device: torch.device) -> int:
+    """Move every `Linear4bit`'s quantization constants (kept on the layer) to `device`; returns how many.
+
+    FSDP replaces each 4-bit weight by a sharded plain tensor, losing the constants
+    it carried; bitsandbytes then takes them from the layer (`Linear4bit.quant_state`),
+    so they must be where the layer computes, whole on every process.
+    """
+    count = 0
+    for module in model.modules():
+        if is_4bit_linear(module) and getattr(module, "quant_state", None) is not None:
+            module.quant_state.to(device)
             count += 1
     return count
 

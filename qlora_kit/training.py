@@ -73,6 +73,8 @@ def train(run: RunConfig) -> dict:
     rows = _checked(lambda: check_rows(run.data))
     out = Path(cfg.output_dir)
     accelerator = _checked(lambda: make_accelerator(cfg, out))
+    if accelerator.is_fsdp2:
+        _checked(lambda: _check_fsdp(run))
     main = accelerator.is_main_process
     resume_from = _on_main(accelerator, lambda: _resume_point(out, cfg, accelerator))
     file_log = add_file_log(out) if main else None
@@ -106,8 +108,6 @@ def _resume_point(out: Path, cfg: TrainConfig, accelerator) -> Path | None:
 def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> dict:
     cfg = run.train
     main, world, fsdp = accelerator.is_main_process, accelerator.num_processes, accelerator.is_fsdp2
-    if fsdp:
-        _checked(lambda: _check_fsdp(run))
     set_seed(cfg.seed)
     # Under FSDP every process loads the base into host RAM; sharding then moves only its
     # shards to its GPU, so no GPU ever holds the whole 4-bit model.
@@ -240,6 +240,11 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers 5 also makes the embedding output require grad, a workaround only reentrant
+    # checkpointing needs: it would keep a (batch, seq, hidden) leaf on the GPU through backward
+    # (activation offloading cannot move it) and compute its unused gradient.
+    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+        model.disable_input_require_grads()
 
 
 def _non_finite(out: Path, what: str, value: float, step: int) -> QLoRAKitError:
@@ -484,7 +489,7 @@ def _accumulate(loss_fn, group, pad_id, mask_dtype, accelerator) -> tuple[float,
     batches = [collate(examples, pad_id, mask_dtype) for examples in group]
     local_tokens = sum(count_supervised_tokens(b) for b in batches)
     total_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
-    scale = accelerator.num_processes / max(total_tokens, 1)  # DDP averages gradients over processes
+    scale = accelerator.num_processes / max(total_tokens, 1)  # DDP and FSDP average gradients over processes
     loss_total = 0.0
     for i, batch in enumerate(batches):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}

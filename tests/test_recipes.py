@@ -30,6 +30,7 @@ MODELS = {
     "mistral-7b-chat.yaml": ("mistral-7b-instruct-v0.3.json", 32, 7_248_023_552),
     "qwen2.5-7b-chat.yaml": ("qwen2.5-7b-instruct.json", 28, 7_615_616_512),
     "gemma-2-9b-alpaca.yaml": ("gemma-2-9b-it.json", 42, 9_241_705_984),
+    "llama-3.1-70b-fsdp.yaml": ("llama-3.1-70b-instruct.json", 80, 70_553_706_496),
 }
 
 
@@ -40,7 +41,11 @@ def test_every_recipe_is_covered():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_recipe_starts_with_its_command_and_comments_every_knob(name):
     lines = (RECIPES / name).read_text().splitlines()
-    assert lines[0] == f"# qlora-kit train recipes/{name}"
+    if load_recipe(RECIPES / name).train.distributed == "fsdp":  # several GPUs: Accelerate's launcher starts it
+        assert lines[0].startswith("# accelerate launch --num_processes ")
+        assert lines[0].endswith(f" -m qlora_kit train recipes/{name}")
+    else:
+        assert lines[0] == f"# qlora-kit train recipes/{name}"
     for line in lines:
         if line.startswith("  ") and ":" in line and not line.strip().startswith("#"):
             assert "#" in line, f"{name}: knob without a comment: {line.strip()}"
