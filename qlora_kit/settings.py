@@ -123,6 +123,7 @@ class TrainConfig:
     sample_prompts: int = bounded(3, ge=0)  # held-out prompts to generate from before and after training; 0 disables
     sample_max_new_tokens: int = bounded(64, ge=1)  # length of those generations
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"  # extra tracker through Accelerate (its package must be installed)
+    cpu_threads: Optional[int] = bounded(None, ge=1)  # CPU training: torch threads per process; default: the cores this process may use, shared among the processes on this machine (OMP_NUM_THREADS also sets it)
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"  # under several processes (accelerate launch, torchrun): ddp keeps a whole model per process, fsdp shards the 4-bit base and adapters across them (needs quant.quant_storage=bfloat16); auto: fsdp under `accelerate launch --use_fsdp`, else ddp
     fsdp_cpu_offload: bool = False  # fsdp: keep the shards in host RAM and copy each layer to the GPU as it runs (70B on 24 GB GPUs); false: as `accelerate launch --fsdp_offload_params` says
     distributed_timeout_s: int = bounded(1800, ge=1)  # seconds a process waits for the others (a step, a checkpoint, an evaluation) before failing instead of hanging

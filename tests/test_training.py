@@ -740,3 +740,18 @@ def test_bad_data_is_reported_before_the_base_loads(tmp_path, monkeypatch):
     with pytest.raises(QLoRAKitError, match="row 2: missing 'output'"):
         train(run)
     assert not (tmp_path / "run").exists()
+
+
+def test_cpu_threads_are_chosen_deliberately(monkeypatch, caplog):
+    from qlora_kit.training import set_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        with caplog.at_level("INFO", logger="qlora_kit"):
+            assert set_cpu_threads(1, processes=1) == 1 and torch.get_num_threads() == 1
+            cores = len(os.sched_getaffinity(0))
+            assert set_cpu_threads(None, processes=2) == max(1, cores // 2)  # shared among the processes
+        assert "CPU threads:" in caplog.text
+    finally:
+        torch.set_num_threads(before)
