@@ -73,8 +73,6 @@ def train(run: RunConfig) -> dict:
     rows = _checked(lambda: check_rows(run.data))
     out = Path(cfg.output_dir)
     accelerator = _checked(lambda: make_accelerator(cfg, out))
-    if accelerator.device.type == "cpu":
-        set_cpu_threads(cfg.cpu_threads, accelerator.num_processes)
     if accelerator.is_fsdp2:
         _checked(lambda: _check_fsdp(run))
     main = accelerator.is_main_process
@@ -87,6 +85,8 @@ def train(run: RunConfig) -> dict:
         package_log.setLevel(max(level, logging.ERROR))
     try:
         log.info("data: %d rows in %s checked", rows, run.data.path)
+        if accelerator.device.type == "cpu":
+            set_cpu_threads(cfg.cpu_threads, accelerator.num_processes)
         if accelerator.num_processes > 1:
             log.info("%d processes, %s", accelerator.num_processes, "FSDP" if accelerator.is_fsdp2 else "DDP")
         if cfg.resume and resume_from is None:
@@ -124,6 +124,9 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
     counts = parameter_counts(model)  # before sharding: FSDP's shards hide the 4-bit shapes
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{counts['trainable']:,}", f"{counts['total']:,}",
              100 * counts["trainable"] / counts["total"])
+    log.info("device %s x %d process(es), mixed precision %s; base in 4-bit %s: %.1f MiB of packed weights",
+             accelerator.device, accelerator.num_processes, accelerator.mixed_precision, run.quant.quant_type,
+             quantization.quantized_bytes(model) / 2**20)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if cfg.activation_offloading:

@@ -161,6 +161,7 @@ def test_train_log_records_the_run(finished_run):
     log = (out / "train.log").read_text()
     assert "were cut" in log  # a data warning
     assert "trainable parameters" in log and "done:" in log  # the loop's own INFO lines
+    assert "MiB of packed weights" in log and "CPU threads:" in log  # the start-up banner
 
 
 def test_metrics_has_one_record_per_step_with_eval_on_schedule(finished_run):
