@@ -583,7 +583,8 @@ def generate_samples(model, tokenizer, data: PreparedData, cfg: TrainConfig, *, 
     model.eval()
     device = device or next(p for p in model.parameters()).device
     answers = []
-    for ids in data.eval_prompt_ids[: cfg.sample_prompts]:
+    prompts = data.eval_prompt_ids[: cfg.sample_prompts]
+    for ids in tqdm(prompts, desc="sample generations", unit="prompt", disable=None, leave=False):
         prompt = torch.tensor([ids], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
