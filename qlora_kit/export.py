@@ -3,13 +3,17 @@
 Both read the source shard by shard, transform one tensor at a time and stream
 the results into output shards (`checkpoint_writer.ShardWriter`), so host RAM
 stays near one input shard plus one output shard, plus the temporaries of one
-tensor (bitsandbytes' CPU quantizer works in fp32: ~10x the largest 4-bit
-weight's bf16 size, small next to a shard in real checkpoints). The GPU is never
-used, and verification (which loads whole models) comes on top. The
+tensor (4-bit weights are quantized a block of rows at a time, so bitsandbytes'
+fp32 temporaries stay near 15 MB). The GPU is never used. Verification comes
+after, and streams too (one decoder layer of each model at a time). The
 output is assembled in `.OUT.tmp-*` beside OUT and renamed into place only
 after it is complete and, for merges, verified (`qlora_kit.verify`).
 
-    merge("runs/r1", "exports/r1")                          # NF4-faithful merge, bf16, verified
+Merge arithmetic: each merged weight is base + scaling * (B @ A) computed in fp32
+and rounded once to the output dtype (float16 by default: `settings.MergeOptions`
+explains the choice with measurements).
+
+    merge("runs/r1", "exports/r1")                          # NF4-faithful merge, float16, verified
     merge("runs/r1/adapter", "exports/r1-orig", mode="original", dtype="float16")
     dequantize("saved-4bit-model", "exports/plain")
 """
@@ -108,6 +112,13 @@ def merge(adapter: str | os.PathLike, out_dir: str | os.PathLike, *, progress: b
             )
             verify.write_report(tmp, report)
             if not report["passed"]:
+                served = report.get("served") or {}
+                if report["metrics"]["finite"] and served.get("finite") is False:
+                    raise QLoRAKitError(
+                        f"verification failed, export not written: computed in {report['served_dtype']} (as "
+                        "transformers' and vLLM's dtype 'auto' would serve it) the merged model's logits "
+                        f"overflow: {verify.summary(report)}. Export it with --dtype bfloat16 (or float32)"
+                    )
                 raise QLoRAKitError(
                     f"verification failed, export not written: {verify.summary(report)}. The merged model "
                     "does not reproduce the adapter on its base; check the base, mode and adapter "

@@ -9,6 +9,7 @@ never the whole 16-bit checkpoint.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from . import memory, quantization
+from . import layers, memory, quantization
 from .checkpoint import Checkpoint, resolve
 from .errors import QLoRAKitError
 from .lora import matches
@@ -104,15 +105,41 @@ def build_skeleton(config, quant: QuantConfig, cfg: ModelConfig = ModelConfig())
             net = AutoModelForCausalLM.from_config(
                 config,
                 dtype=torch_dtype(quant.compute_dtype),
-                attn_implementation=cfg.attn_implementation,
+                attn_implementation=attention_for(config, cfg.attn_implementation),
                 trust_remote_code=cfg.trust_remote_code,
             )
         except ValueError as exc:
             raise QLoRAKitError(f"cannot build a causal LM for model_type '{config.model_type}': {exc}") from exc
     for name, module in list(net.named_modules()):
-        if isinstance(module, nn.Linear) and not any(matches(name, p) for p in quant.skip_modules):
+        if layers.is_linear(module) and not any(matches(name, p) for p in quant.skip_modules):
             _set_submodule(net, name, quantization.empty_linear4bit(module, quant))
     return net
+
+
+# The attention kernels a model class may lack, and the class attribute that says it has one.
+_ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+
+
+def attention_for(config, requested: str) -> str:
+    """`requested`, or a kernel the model class supports when it lacks that one (logged).
+
+    Some classes refuse SDPA (Gemma-2 needs eager attention for its logit soft-capping),
+    so the default setting would make them unloadable. They fall back to SDPA when
+    supported, else eager, as transformers' own default choice would; remote-code
+    models are left to decide for themselves.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return requested
+    flag = _ATTENTION_SUPPORT.get(requested)
+    if flag is None or getattr(cls, flag, False):
+        return requested
+    fallback = "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+    log.info("%s does not support attn_implementation='%s'; using '%s'", cls.__name__, requested, fallback)
+    return fallback
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -121,8 +148,16 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: QuantConfig, device) -> None:
-    """Stream every checkpoint tensor into the skeleton, quantizing 4-bit targets on `device`."""
+    """Stream every checkpoint tensor into the skeleton, quantizing 4-bit targets on `device`.
+
+    Checkpoint names become model names by transformers' own rules (`CheckpointKeys`);
+    tensors that transformers fuses into one parameter (a MoE layer's experts) are held
+    until the last of them arrives, then fused as transformers fuses them.
+    """
     expected = dict(net.named_parameters(remove_duplicate=False))
+    keys = CheckpointKeys(net)
+    parts_of = keys.fused_parts(checkpoint.tensor_names())
+    pending: dict[str, list] = {}
     ignorable = list(getattr(net, "_keys_to_ignore_on_load_unexpected", None) or [])
     unexpected = []
     freed = memory.FreedMemory()
@@ -132,24 +167,20 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
     for name, tensor in checkpoint.iter_tensors():
         freed.processed(tensor.numel() * tensor.element_size())
         bar.update(tensor.numel() * tensor.element_size())
-        if name not in expected:
+        key, pattern = keys.target(name)
+        if key not in expected:
             if not any(re.search(p, name) for p in ignorable):
                 unexpected.append(name)
             continue
-        module_name, _, leaf = name.rpartition(".")
-        module = net.get_submodule(module_name)
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise QLoRAKitError(
-                f"tensor {name} in {checkpoint.folder} has shape {tuple(tensor.shape)} but the model's config "
-                f"expects {tuple(expected[name].shape)}: config.json and the weights disagree"
-            )
-        if quantization.is_4bit_linear(module) and leaf == "weight":
-            quantization.quantize_into(module, tensor.to(torch_dtype(quant.compute_dtype)), device)
-        else:
-            # copy=True: a view would keep the whole shard's memory map resident.
-            value = tensor.to(device=device, dtype=_keep_dtype(tensor, quant), copy=True)
-            setattr(module, leaf, nn.Parameter(value, requires_grad=False))
-        del expected[name]
+        if pattern is None:
+            _fill(net, key, tensor, expected, quant, device, f"tensor {name} in {checkpoint.folder}")
+            continue
+        parts = pending.setdefault(key, [])
+        parts.append((name, pattern, tensor))
+        if len(parts) == parts_of[key]:
+            for fused_key, value in keys.fuse(net, key, pending.pop(key)).items():
+                _fill(net, fused_key, value, expected, quant, device,
+                      f"{fused_key} fused from {checkpoint.folder}")
     bar.close()
     if unexpected:
         raise QLoRAKitError(
@@ -166,7 +197,106 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
         )
 
 
+def _fill(net: PreTrainedModel, key: str, tensor: torch.Tensor, expected: dict, quant: QuantConfig, device,
+          what: str) -> None:
+    """Put one checkpoint tensor into parameter `key`: quantized into a 4-bit layer, else as it is."""
+    module_name, _, leaf = key.rpartition(".")
+    module = net.get_submodule(module_name)
+    packed = quantization.is_4bit_linear(module) and leaf == "weight"
+    if packed and layers.stores_transposed(module):
+        tensor = tensor.T  # a Conv1D's (in, out) weight, quantized as (out, in) as transformers does
+    if tuple(tensor.shape) != tuple(expected[key].shape):
+        raise QLoRAKitError(
+            f"{what} has shape {tuple(tensor.shape)} but the model's config "
+            f"expects {tuple(expected[key].shape)}: config.json and the weights disagree"
+        )
+    if packed:
+        quantization.quantize_into(module, tensor.to(torch_dtype(quant.compute_dtype)), device)
+    else:
+        # copy=True: a view would keep the whole shard's memory map resident.
+        value = tensor.to(device=device, dtype=_keep_dtype(tensor, quant), copy=True)
+        setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+    del expected[key]
+
+
+class CheckpointKeys:
+    """Checkpoint tensor names mapped to this model's parameter names, by transformers' own rules.
+
+    transformers renames some checkpoints' tensors when it loads them (GPT-NeoX's
+    `embed_out` is the model's `lm_head`) and fuses others (Mixtral's per-expert
+    `w1`/`w3`/`w2` become stacked `experts.gate_up_proj`/`down_proj`). The rules are
+    transformers' (`get_model_conversion_mapping`, the list `from_pretrained` applies),
+    used unchanged, so a checkpoint loads here as it loads there.
+    """
+
+    def __init__(self, net: PreTrainedModel):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        conversions = get_model_conversion_mapping(net)
+        self._renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        self._converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        self._converter_of = {p: c for c in self._converters for p in c.source_patterns}
+        self._prefix = net.base_model_prefix
+        # transformers looks names up with `.get(...) is not None`
+        self._names = {name: True for name, _ in net.named_parameters(remove_duplicate=False)}
+
+    def target(self, name: str) -> tuple[str, str | None]:
+        """(model parameter, None) for a tensor loaded as it is or renamed; (fused parameter,
+        the converter's source pattern) for one of several tensors fused into one parameter."""
+        from transformers.core_model_loading import rename_source_key
+
+        key, pattern = rename_source_key(name, self._renamings, self._converters, self._prefix, self._names)
+        if key not in self._names and name in self._names:  # as transformers: a rule misfired, keep the name
+            key, pattern = rename_source_key(name, [], [], self._prefix, self._names)
+        return key, pattern
+
+    def fused_parts(self, names) -> dict[str, int]:
+        """How many checkpoint tensors each fused parameter is made of."""
+        counts: dict[str, int] = {}
+        for name in names:
+            key, pattern = self.target(name)
+            if pattern is not None:
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def fuse(self, net: PreTrainedModel, key: str, parts: list[tuple[str, str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Fuse the (name, pattern, tensor) parts of `key` with transformers' converter, in its order."""
+        from transformers.core_model_loading import dot_natural_key
+
+        converter = copy.deepcopy(self._converter_of[parts[0][1]])
+        for name, pattern, tensor in sorted(parts, key=lambda part: dot_natural_key(part[0])):
+            converter.add_tensor(key, name, pattern, tensor)
+        fused = converter.convert(key, model=net, config=net.config)
+        return {k: v[0] if isinstance(v, list) else v for k, v in fused.items()}
+
+
 def _keep_dtype(tensor: torch.Tensor, quant: QuantConfig) -> torch.dtype:
     """Unquantized floating tensors go to the compute dtype; integer tensors stay as they are."""
     return torch_dtype(quant.compute_dtype) if tensor.is_floating_point() else tensor.dtype
 
+
+@dataclass
+class WeightLayout:
+    """How a checkpoint's weights meet the model `load_base` builds from it, known without loading it.
+
+    Merging streams the checkpoint tensor by tensor and needs, for each, what loading
+    did with it: which model parameter it became, whether it was held in 4-bit, and
+    whether its checkpoint layout is transposed (a `Conv1D`'s (in, out)).
+    """
+
+    keys: CheckpointKeys
+    quantized: set[str]  # model weight names held in 4-bit
+    transposed: set[str]  # model weight names whose checkpoint tensor is (in, out)
+
+
+def weight_layout(checkpoint: Checkpoint, quant: QuantConfig, cfg: ModelConfig = ModelConfig()) -> WeightLayout:
+    """The `WeightLayout` of `checkpoint` loaded with `quant` and the model settings `cfg`, from a meta skeleton."""
+    config = AutoConfig.from_pretrained(checkpoint.folder, trust_remote_code=cfg.trust_remote_code)
+    skeleton = build_skeleton(config, quant, cfg)
+    modules = dict(skeleton.named_modules())
+    return WeightLayout(
+        keys=CheckpointKeys(skeleton),
+        quantized={f"{name}.weight" for name, m in modules.items() if quantization.is_4bit_linear(m)},
+        transposed={f"{name}.weight" for name, m in modules.items() if layers.is_linear(m) and layers.stores_transposed(m)},
+    )

@@ -162,22 +162,84 @@ def quantized_bytes(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------
 
 
+# Rows are quantized and dequantized a block of about this many elements at a time:
+# bitsandbytes' CPU quantizer makes ~7 fp32-sized temporaries of its whole input (227 MB
+# for a 32 MB bf16 weight), which for a 70B model's 235M-parameter MLP weights would be
+# several GB. Blocks of 2^20 elements keep that near 15 MB whatever the weight.
+CHUNK_ELEMENTS = 2**20
+
+
+def _row_step(in_features: int, blocksize: int) -> int | None:
+    """Rows per chunk, or None when rows do not start on block boundaries (then: one chunk)."""
+    if in_features % blocksize:
+        return None
+    return max(1, CHUNK_ELEMENTS // in_features)
+
+
+def quantize_4bit(weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = BLOCKSIZE,
+                  double_quant: bool = True, quant_storage: torch.dtype = torch.uint8):
+    """`bitsandbytes.functional.quantize_4bit` of a 2-D CPU weight, a block of rows at a time: (packed, QuantState).
+
+    Bit-identical to quantizing the whole weight at once (as `Params4bit` does when it
+    moves to the CPU): 4-bit blocks never straddle rows when in_features is a multiple
+    of the block size, and the double-quant statistics (the mean of all absmax values
+    and their 8-bit blockwise quantization) are computed once from every chunk's
+    absmax, exactly as bitsandbytes computes them from the whole tensor.
+    """
+    step = _row_step(weight.shape[-1], blocksize) if weight.ndim == 2 else None
+    if step is None or step >= weight.shape[0]:
+        return bnbF.quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                                  quant_type=quant_type, quant_storage=quant_storage)
+    packed, absmax = [], []
+    for start in range(0, weight.shape[0], step):
+        part, state = bnbF.quantize_4bit(weight[start:start + step].contiguous(), blocksize=blocksize,
+                                         compress_statistics=False, quant_type=quant_type,
+                                         quant_storage=quant_storage)
+        packed.append(part)
+        absmax.append(state.absmax)
+    packed, absmax = torch.cat(packed), torch.cat(absmax)
+    code = bnbF.get_4bit_type(quant_type, device=weight.device)
+    if not double_quant:
+        return packed, bnbF.QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
+                                       code=code, quant_type=quant_type)
+    offset = absmax.mean()
+    qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return packed, bnbF.QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
+                                   code=code, quant_type=quant_type, offset=offset, state2=state2)
+
+
+def _quant_args(quant: dict) -> dict:
+    return {"quant_type": quant.get("quant_type", "nf4"), "blocksize": int(quant.get("blocksize") or BLOCKSIZE),
+            "double_quant": bool(quant.get("double_quant", True)),
+            "quant_storage": torch_dtype(quant.get("quant_storage", "uint8"))}
+
+
 def quantize_roundtrip(weight: torch.Tensor, quant: dict) -> torch.Tensor:
     """What a `Linear4bit` filled from `weight` computes with: quantize on the CPU, then dequantize.
 
     `weight` must already be in the compute dtype (loading quantizes `tensor.to(compute_dtype)`);
     `quant` is an adapter manifest's quantization dict (`quant_record`). The result is
-    bit-identical to `dequantize_weight` of the module `quantize_into` fills from the same tensor.
+    bit-identical to `dequantize_weight` of the module `quantize_into` fills from the same tensor;
+    the quantizer's temporaries stay near `CHUNK_ELEMENTS` whatever the weight's size.
     """
-    param = bnb.nn.Params4bit(
-        weight,
-        requires_grad=False,
-        quant_type=quant.get("quant_type", "nf4"),
-        blocksize=int(quant.get("blocksize") or BLOCKSIZE),
-        compress_statistics=bool(quant.get("double_quant", True)),
-        quant_storage=torch_dtype(quant.get("quant_storage", "uint8")),
-    ).to(torch.device("cpu"))
-    return bnbF.dequantize_4bit(param.data, param.quant_state)
+    packed, state = quantize_4bit(weight, **_quant_args(quant))
+    return bnbF.dequantize_4bit(packed, state)
+
+
+def linear4bit_from(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """Fill an empty (meta) `Linear4bit` on the CPU from a weight in its compute dtype, by row chunks.
+
+    The packed data and quantization state are bit-identical to those `quantize_into`
+    gives on the CPU; only the quantizer's temporaries are smaller.
+    """
+    old = module.weight
+    packed, state = quantize_4bit(weight, quant_type=old.quant_type, blocksize=old.blocksize,
+                                  double_quant=old.compress_statistics, quant_storage=old.quant_storage)
+    module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=old.blocksize,
+                                      compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+                                      quant_storage=old.quant_storage, module=module, bnb_quantized=True)
+    module.quant_state = state
+    return module
 
 
 def dequantize_saved(packed: torch.Tensor, components: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -195,8 +257,10 @@ SAVED_STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_ma
                         "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
 
 
-def compute_with_dequantized_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+def compute_with_dequantized_weights(model: nn.Module, dtype: torch.dtype | None = torch.float32) -> int:
     """Make every `Linear4bit` compute `F.linear(x, dequantized weight)` in `dtype`; returns how many.
+
+    `dtype` None computes in each input's own dtype.
 
     Setting a `Linear4bit`'s compute dtype to fp32 is not enough for exact fp32 results:
     without gradients, bitsandbytes' fused CPU kernel (gemm_4bit) rounds activations
@@ -213,9 +277,38 @@ def compute_with_dequantized_weights(model: nn.Module, dtype: torch.dtype = torc
     return count
 
 
-def _dequantized_forward(module: nn.Module, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
-    bias = module.bias.to(dtype) if module.bias is not None else None
-    return F.linear(x.to(dtype), dequantize_weight(module).to(dtype), bias).to(x.dtype)
+def _dequantized_forward(module: nn.Module, dtype: torch.dtype | None, x: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, dequantized weight) in `dtype` (None: x's dtype), a block of output rows at a time.
+
+    Each block's weight rows are dequantized, cast and multiplied, then dropped: no
+    full-size copy of the weight in the compute dtype is ever held.
+    """
+    dtype = dtype or x.dtype
+    state = module.weight.quant_state
+    rows, cols = state.shape
+    step = _row_step(cols, state.blocksize)
+    if step is None or step >= rows or getattr(state, "packing_format_for_cpu", False):
+        bias = module.bias.to(dtype) if module.bias is not None else None
+        return F.linear(x.to(dtype), dequantize_weight(module).to(dtype), bias).to(x.dtype)
+    absmax = state.absmax
+    if state.nested:  # as bitsandbytes.functional.dequantize_4bit does it
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+    absmax = absmax.float()
+    packed = module.weight.data.reshape(-1).view(torch.uint8)
+    inputs = x.to(dtype)
+    out = torch.empty(*x.shape[:-1], rows, dtype=dtype, device=x.device)
+    per_row = cols // state.blocksize
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        rows_state = bnbF.QuantState(absmax=absmax[start * per_row: stop * per_row], shape=(stop - start, cols),
+                                     dtype=state.dtype, blocksize=state.blocksize, code=state.code,
+                                     quant_type=state.quant_type)
+        weight = bnbF.dequantize_4bit(packed[start * cols // 2: stop * cols // 2].unsqueeze(1), rows_state)
+        bias = module.bias[start:stop].to(dtype) if module.bias is not None else None
+        out[..., start:stop] = F.linear(inputs, weight.to(dtype), bias)
+        del weight
+    return out.to(x.dtype)
 
 
 def quant_config_from_record(described: dict | None) -> QuantConfig:
