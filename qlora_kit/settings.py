@@ -206,7 +206,7 @@ class ExportOptions:
 
     dtype: FloatDtype = "bfloat16"  # dtype of the written weights
     overwrite: bool = False  # replace an existing output folder (only after the new one is complete)
-    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE  # largest output shard, e.g. 500MB, 5GB; host RAM peaks near one input plus one output shard
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE  # largest output shard, in bytes or e.g. 500MB, 5GB; host RAM peaks near one input plus one output shard
 
 
 @dataclass(kw_only=True)
@@ -240,20 +240,45 @@ class MergeOptions(ExportOptions):
     If unsure, export nf4 (it is what you evaluated); export both and evaluate them
     if the last bit of quality matters.
 
-    Verification (on by default, --verify N batches of 4x128 tokens, 0 to skip)
-    loads the merged model and the adapter on its base, compares their next-token
-    distributions on the same text and refuses to put the export in place if their
-    top-1 agreement is below --min-agreement. It needs both models in host RAM
-    (about 4.5 bytes per parameter); use --verify 0 for models that do not fit.
+    Output dtype (--dtype): each merged weight is computed in fp32 (base + scaling*B*A)
+    and rounded once to the output dtype. The base's NF4 values are exact in 16 bits,
+    so the only loss is the rounding of the sum. Measured on the quickstart (80 steps,
+    held-out rows, merged model vs the 4-bit model + adapter, both computing in fp32):
+
+      float16 (default)  top-1 agreement 99.94%, KL 1.5e-6; 2 bytes/param. 3 more
+                         mantissa bits than bf16, 8x less rounding. Served in
+                         float16 (what transformers' and vLLM's dtype 'auto' pick
+                         for it): 99.57%, KL 3e-5.
+      bfloat16           99.32%, KL 4.6e-4; 2 bytes/param. Still well inside the
+                         noise floor (the trained model itself computed in bf16
+                         instead of fp32: 98.3%, KL 2.4e-3), but visibly lossy in
+                         fp32; served in bfloat16 it is as good as the model is in bf16.
+      float32            100%, KL ~1e-9 (summation order only); 4 bytes/param.
+
+    float16 cannot hold values beyond 65504: a weight that overflows fails the merge,
+    and verification also runs the export in float16 and fails it if any logit is not
+    finite (some models' activations exceed float16 when computed in it); export
+    such models with --dtype bfloat16.
+
+    Verification (on by default, --verify N batches, 0 to skip) runs the merged model
+    and the adapter on its base on the same tokens and refuses to put the export in
+    place if their top-1 agreement is below --min-agreement. The tokens are held-out
+    rows of the training run's data when ADAPTER is (in) a run folder, else
+    --verify-file or built-in English text. Both sides compute in fp32; it also
+    reports the noise floor (the reference computed in bf16 vs fp32) and whether the
+    export is within it, and layer-by-layer differences. It streams: one decoder layer
+    of each model is in host RAM at a time (the export's layer, the 4-bit reference
+    layer and activations), so it runs for models of any size.
     """
 
     adapter: str = positional(metavar="ADAPTER")  # adapter folder, or a training run folder containing adapter/
     out_dir: str = positional(metavar="OUT")  # folder to write the merged checkpoint to
+    dtype: FloatDtype = "float16"  # dtype of the written weights (merged in fp32, rounded once); float16 keeps 8x more of the update than bfloat16 at the same size
     base: Optional[str] = None  # base checkpoint (default: the one recorded with the adapter)
     mode: Literal["nf4", "original"] = "nf4"  # add the update to the base as 4-bit training saw it (nf4) or to the original weights (original)
     force: bool = False  # merge even if the base's fingerprint differs from the one the adapter was trained on
-    verify: int = bounded(4, ge=0)  # compare merged vs adapter-on-base on N batches of 4x128 tokens before putting the export in place; 0 skips
-    verify_file: Optional[str] = None  # text for verification: .txt (paragraphs) or .jsonl (all strings of each record); default: built-in English paragraphs
+    verify: int = bounded(4, ge=0)  # compare merged vs adapter-on-base on N batches (4 rows or 4x128 tokens each) before putting the export in place; 0 skips
+    verify_file: Optional[str] = None  # text for verification: .txt (paragraphs) or .jsonl (all strings of each record); default: the run's held-out rows, else built-in English paragraphs
     min_agreement: float = bounded(0.98, ge=0, le=1)  # fail when the top-1 token agreement with the reference is below this
 
 

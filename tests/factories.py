@@ -16,3 +16,20 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     )
     settings.update(overrides)
     return LlamaConfig(**settings)
+
+
+def rewrite_adapter_weights(folder, tensors: dict) -> None:
+    """Replace an adapter's weights as if it had been saved with them: its manifest's checksums follow."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from qlora_kit import integrity
+
+    folder = Path(folder)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    manifest_path = folder / "qlora_kit.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = integrity.record_files(folder, ["adapter_model.safetensors", "adapter_config.json"])
+    manifest_path.write_text(json.dumps(manifest))

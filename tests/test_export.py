@@ -21,7 +21,7 @@ from qlora_kit.export import dequantize, merge
 from qlora_kit.lora import lora_layers
 from qlora_kit.quantization import dequantize_weight, is_4bit_linear
 from qlora_kit.verify import to_fp32_compute
-from tests.factories import tiny_llama_config, write_random_checkpoint
+from tests.factories import rewrite_adapter_weights, tiny_llama_config, write_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -63,16 +63,17 @@ def test_nf4_merge_is_a_plain_checkpoint_matching_4bit_plus_adapter(tiny_llama_d
         os.listdir(out))
     assert not list(tmp_path.glob(".merged.tmp-*"))
     config = json.loads((out / "config.json").read_text())
-    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    assert "quantization_config" not in config and config["dtype"] == "float16"  # the default
 
     # Weights: exactly the 4-bit base as loaded for training, plus scaling*B@A, rounded once.
     model, _, _ = load_base(str(tiny_llama_dir))
     load_adapter(model, tiny_adapter)
     merged = load_file(out / "model.safetensors")
     layer = model.model.layers[1].mlp.down_proj
-    expected = (dequantize_weight(layer.base).float() + layer.delta_weight()).to(torch.bfloat16)
+    expected = (dequantize_weight(layer.base).float() + layer.delta_weight()).to(torch.float16)
     assert torch.equal(merged["model.layers.1.mlp.down_proj.weight"], expected)
-    assert torch.equal(merged["lm_head.weight"], load_file(tiny_llama_dir / "model.safetensors")["lm_head.weight"])
+    head = load_file(tiny_llama_dir / "model.safetensors")["lm_head.weight"]
+    assert torch.equal(merged["lm_head.weight"], head.to(torch.float16))
 
     # Function: plain transformers, no qlora_kit or PEFT, reproduces the trained model.
     plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -80,7 +81,7 @@ def test_nf4_merge_is_a_plain_checkpoint_matching_4bit_plus_adapter(tiny_llama_d
     with torch.no_grad():
         got = plain(input_ids=ids).logits
     want = reference_logits(tiny_llama_dir, tiny_adapter, ids)
-    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)  # bf16 rounding of the merged weights only
+    torch.testing.assert_close(got, want, atol=4e-3, rtol=0)  # fp16 rounding of the merged weights only
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
 
 
@@ -172,7 +173,7 @@ def test_refuses_adapter_shapes_or_modules_the_base_lacks(tiny_adapter, tmp_path
     tensors = load_file(wrong_shape / weights_file)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     tensors[key] = torch.zeros(4, 96)
-    save_file(tensors, wrong_shape / weights_file)
+    rewrite_adapter_weights(wrong_shape, tensors)
     with pytest.raises(QLoRAKitError, match=r"q_proj has lora_A \(4, 96\).*base of another size"):
         merge(wrong_shape, tmp_path / "out", verify=0, progress=False)
 
@@ -181,7 +182,7 @@ def test_refuses_adapter_shapes_or_modules_the_base_lacks(tiny_adapter, tmp_path
     for part in ("lora_A", "lora_B"):
         tensors[f"base_model.model.model.layers.7.mlp.up_proj.{part}.weight"] = tensors.pop(
             f"base_model.model.model.layers.0.mlp.up_proj.{part}.weight")
-    save_file(tensors, unknown / weights_file)
+    rewrite_adapter_weights(unknown, tensors)
     with pytest.raises(QLoRAKitError, match="layers.7.mlp.up_proj.*another architecture"):
         merge(unknown, tmp_path / "out", verify=0, progress=False)
     assert not (tmp_path / "out").exists()
