@@ -102,7 +102,7 @@ def peft_config(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseI
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
@@ -313,18 +313,36 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-row magnitude, keyed as PEFT keys it
+
+
 def _module_keys(raw: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-    """Strip PEFT's prefix and adapter name: `base_model.model.x.lora_A[.default].weight` -> `x.lora_A.weight`."""
+    """Strip PEFT's prefix and adapter name: `base_model.model.x.lora_A[.default].weight` -> `x.lora_A.weight`.
+
+    DoRA's magnitude keeps PEFT's key without `.weight`: `x.lora_magnitude_vector`.
+    """
     weights = {}
     for key, value in raw.items():
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
-        if match is None:
+        magnitude = re.fullmatch(rf"(?:base_model\.model\.)?(.+)\.{MAGNITUDE}(?:\.[^.]+)?(?:\.weight)?", key)
+        if match is not None:
+            weights[f"{match.group(1)}.{match.group(2)}.weight"] = value
+        elif magnitude is not None:
+            weights[f"{magnitude.group(1)}.{MAGNITUDE}"] = value
+        else:
             raise QLoRAKitError(
-                f"{folder / WEIGHTS_FILE} holds '{key}', which is not a LoRA A/B weight; "
-                "only plain LoRA adapters (no DoRA, biases or modules_to_save) are supported"
+                f"{folder / WEIGHTS_FILE} holds '{key}', which is not a LoRA A/B weight or DoRA magnitude; "
+                "LoRA adapters with biases or modules_to_save are not supported"
             )
-        weights[f"{match.group(1)}.{match.group(2)}.weight"] = value
     return weights
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """`x.lora_A.weight` -> (`x`, `lora_A`); `x.lora_magnitude_vector` -> (`x`, `lora_magnitude_vector`)."""
+    if key.endswith("." + MAGNITUDE):
+        return key[: -len(MAGNITUDE) - 1], MAGNITUDE
+    module, part, _ = key.rsplit(".", 2)
+    return module, part
 
 
 def lora_config_from_peft(config: dict, folder: Path) -> LoRAConfig:
@@ -332,8 +350,6 @@ def lora_config_from_peft(config: dict, folder: Path) -> LoRAConfig:
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')}, only LORA is supported")
-    if config.get("use_dora"):
-        problems.append("DoRA adapters are not supported")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         problems.append("per-layer rank_pattern/alpha_pattern is not supported")
     if config.get("bias", "none") != "none":
@@ -345,7 +361,8 @@ def lora_config_from_peft(config: dict, folder: Path) -> LoRAConfig:
     try:
         return LoRAConfig(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                           dropout=float(config.get("lora_dropout", 0.0)),
-                          use_rslora=bool(config.get("use_rslora", False)))
+                          use_rslora=bool(config.get("use_rslora", False)),
+                          use_dora=bool(config.get("use_dora", False)))
     except (KeyError, TypeError, ValueError) as exc:
         raise QLoRAKitError(f"{folder / CONFIG_FILE} lacks a valid r / lora_alpha ({exc})") from exc
 
@@ -373,10 +390,14 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
 
 
 def _copy_weights(layers: dict, weights: dict[str, torch.Tensor], folder: Path) -> None:
-    """Copy `<module>.lora_{A,B}.weight` tensors into `layers[module]` (a `LoRAUpdate` or `LoRALinear`)."""
+    """Copy `<module>.lora_{A,B}.weight` (and DoRA magnitude) tensors into `layers[module]` (a `LoRAUpdate` or
+    `LoRALinear`)."""
     for key, value in weights.items():
-        module_name, part, _ = key.rsplit(".", 2)
-        param = getattr(layers[module_name], part).weight
+        module_name, part = split_key(key)
+        param = getattr(layers[module_name], part)
+        param = param if part == MAGNITUDE else param.weight
+        if param is None:
+            raise QLoRAKitError(f"adapter {folder}: {key} is a DoRA magnitude, but its config does not say use_dora")
         if tuple(param.shape) != tuple(value.shape):
             raise QLoRAKitError(
                 f"adapter {folder}: {key} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}; "
@@ -411,7 +432,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo 
     if dtype is not None:
         cfg.dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
     weights = record.weights()
-    names = sorted({k.rsplit(".", 2)[0] for k in weights})
+    names = sorted({split_key(k)[0] for k in weights})
     missing = [n for n in names if _get(model, n) is None]
     if missing:
         raise QLoRAKitError(

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import memory, quantization
-from .adapter_io import AdapterRecord
+from .adapter_io import MAGNITUDE, AdapterRecord, split_key
 from .atomic import staged_folder
 from .checkpoint import EXPORT_MANIFEST, INDEX_FILE, Checkpoint, resolve
 from .checkpoint_writer import ShardWriter, copy_side_files, parse_size, write_config
@@ -151,14 +151,15 @@ def plan_merge(record: AdapterRecord, *, base: str | None, mode: str, force: boo
     )
 
 
-def _pair_weights(weights: dict[str, torch.Tensor], adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    modules = sorted({key.rsplit(".", 2)[0] for key in weights})
+def _pair_weights(weights: dict[str, torch.Tensor], adapter_dir: Path) -> dict[str, tuple]:
+    """module -> (A, B, DoRA magnitude or None)."""
+    modules = sorted({split_key(key)[0] for key in weights})
     pairs = {}
     for module in modules:
         a, b = weights.get(f"{module}.lora_A.weight"), weights.get(f"{module}.lora_B.weight")
         if a is None or b is None:
             raise QLoRAKitError(f"adapter {adapter_dir} has only one of lora_A/lora_B for {module}; it is incomplete")
-        pairs[module] = (a, b)
+        pairs[module] = (a, b, weights.get(f"{module}.{MAGNITUDE}"))
     return pairs
 
 
@@ -169,7 +170,7 @@ def _check_shapes(adapters, shapes, adapter_dir: Path, checkpoint: Checkpoint, t
             f"adapter {adapter_dir} has weights for {len(missing)} module(s) the base {checkpoint.folder} lacks, "
             f"e.g. {', '.join(missing[:3])}: it was trained on another architecture"
         )
-    for module, (a, b) in adapters.items():
+    for module, (a, b, _) in adapters.items():
         shape = shapes[f"{module}.weight"]
         out_features, in_features = shape[::-1] if f"{module}.weight" in transposed else shape
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
@@ -254,7 +255,7 @@ def merged_tensor(name: str, tensor: torch.Tensor, plan: MergePlan, compute_dtyp
         if name in plan.quantized:
             tensor = quantization.quantize_roundtrip(tensor, plan.quant)
     if module in plan.adapters:
-        a, b = plan.adapters[module]
+        a, b, magnitude = plan.adapters[module]
         merged = tensor.to(torch.float32, copy=True)  # never write into the tensor read from the shard
         del tensor
         # The same arithmetic as LoRALinear.delta_weight (fp32, B@A, then scaling), done in
@@ -263,6 +264,8 @@ def merged_tensor(name: str, tensor: torch.Tensor, plan: MergePlan, compute_dtyp
         delta *= plan.scaling
         merged += delta
         del delta
+        if magnitude is not None:  # DoRA: each row rescaled to its trained magnitude
+            merged *= (magnitude.float() / torch.linalg.vector_norm(merged, dim=1))[:, None]
         tensor = merged
     result = tensor.to(out_dtype)
     if flip:

@@ -600,6 +600,9 @@ def export_gguf_lora(adapter_dir: str | os.PathLike, out_file: str | os.PathLike
     out = Path(out_file)
     record = AdapterRecord.read(adapter_dir)
     folder, lora = record.folder, record.lora_config()
+    if lora.use_dora:
+        raise QLoRAKitError(f"adapter {folder} is a DoRA adapter, which llama.cpp's LoRA files cannot express; "
+                            "export the merged model instead: qlora-kit export-gguf RUN_OR_ADAPTER OUT.gguf")
     base_folder = _base_folder(record.base_model(base).base)
     hyper = read_hyper(base_folder)
     # llama.cpp scales by alpha / rank; rsLoRA's alpha / sqrt(rank) is the same with another alpha.
@@ -628,9 +631,11 @@ def plan_lora(weights: dict[str, torch.Tensor], hyper: Hyper, out_type: str, fol
     """lora_a/lora_b tensors named after their base weight, B's rows rope-permuted for llama's Q and K."""
     import gguf
 
+    from .adapter_io import split_key
+
     qtype = gguf.GGMLQuantizationType.F32 if out_type == "f32" else gguf.GGMLQuantizationType.F16
     jobs = []
-    modules = sorted({key.rsplit(".", 2)[0] for key in weights}, key=_natural)
+    modules = sorted({split_key(key)[0] for key in weights}, key=_natural)
     for module in modules:
         base_name = gguf_tensor_name(module + ".weight")
         if base_name is None or base_name.startswith(("token_embd", "output_norm")):

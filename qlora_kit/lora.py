@@ -5,6 +5,11 @@
 A is Kaiming-uniform and B is zero, so a freshly wrapped model computes exactly
 what its base does. Only A and B are trainable.
 
+DoRA (`use_dora`, arXiv 2402.09353, as PEFT computes it) also trains a magnitude m
+per output row: the layer computes with m · (W + s·BA) / ‖W + s·BA‖ (row norms,
+treated as constants in backward, as the paper suggests). m starts at ‖W‖, so a
+fresh DoRA layer too computes what its base does.
+
 One base can hold several named adapters (`load_adapter(..., adapter_name=...)`):
 each `LoRALinear` keeps one `LoRAUpdate` per adapter and adds the active one;
 `set_active_adapter` switches without touching the base, `set_adapters_enabled`
@@ -51,13 +56,18 @@ class LoRAUpdate(nn.Module):
         self.lora_A = nn.Linear(in_features, config.rank, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(config.rank, out_features, bias=False, device=device, dtype=dtype)
         self.trained_on: str | None = None  # fingerprint of the base it was trained on, when loaded from a folder
+        # DoRA's magnitude per output row; set from the base weight's row norms by `init_magnitude`.
+        self.lora_magnitude_vector = (nn.Parameter(torch.ones(out_features, device=device, dtype=dtype))
+                                      if config.use_dora else None)
         self.set_config(config)
         self.reset_parameters()
 
     def set_config(self, config: LoRAConfig) -> None:
-        """Adopt `config` (same rank): scaling and dropout follow it."""
+        """Adopt `config` (same rank, same kind): scaling and dropout follow it."""
         if config.rank != self.lora_A.out_features:
             raise QLoRAKitError(f"an adapter of rank {config.rank} cannot replace one of rank {self.lora_A.out_features}")
+        if config.use_dora != (self.lora_magnitude_vector is not None):
+            raise QLoRAKitError("a DoRA adapter and a plain LoRA adapter cannot replace each other in place")
         self.config = dataclasses.replace(config, target_modules=list(config.target_modules))
         self.rank = config.rank
         self.scaling = config.scaling
@@ -69,15 +79,41 @@ class LoRAUpdate(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The (..., out) update, in the adapter's precision (or autocast's)."""
+    def forward(self, x: torch.Tensor, base: nn.Module | None = None, base_out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """The (..., out) update, in the adapter's precision (or autocast's).
+
+        DoRA needs the base layer and its output `base_out` (to rescale it); plain LoRA ignores them.
+        """
         if not torch.is_autocast_enabled(x.device.type):
             # Without autocast, run the adapter in its own (usually fp32) precision. Under
             # autocast the matmuls cast for themselves; an fp32 copy of x would be wasted.
             x = x.to(self.lora_A.weight.dtype)
+        dropped = self.dropout(x)
         # Scale the rank-r intermediate, not the (..., out) result: the same product,
         # up to out_features / rank times less work in forward and backward.
-        return self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
+        update = self.lora_B(self.lora_A(dropped) * self.scaling)
+        if self.lora_magnitude_vector is None:
+            return update
+        return self._dora(dropped, update, base, base_out)
+
+    def _dora(self, dropped: torch.Tensor, update: torch.Tensor, base: nn.Module, base_out: torch.Tensor):
+        """(m / ‖W + s·BA‖ - 1) · W x + m / ‖W + s·BA‖ · s·BA x: added to base(x), gives m · V x / ‖V‖."""
+        weight = base_weight(base)  # (out, in), fp32
+        with torch.no_grad():  # the norm is a constant in backward (DoRA, section 4.3)
+            norm = torch.linalg.vector_norm(weight + self.delta_weight(), dim=1)
+        scale = self.lora_magnitude_vector / norm  # (out,), differentiable in m
+        if isinstance(self.dropout, nn.Identity):
+            bias = getattr(base, "bias", None)
+            plain = base_out if bias is None else base_out - bias  # W x: the base output less its bias
+        else:
+            plain = torch.nn.functional.linear(dropped.to(weight.dtype), weight)  # W applied to the dropped x
+        return (scale - 1) * plain.to(update.dtype) + scale * update
+
+    def init_magnitude(self, base: nn.Module) -> None:
+        """DoRA's start: m = ‖W‖ per row, so that the layer computes what its base does."""
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(torch.linalg.vector_norm(base_weight(base), dim=1))
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B @ A in fp32, shaped (out, in)."""
@@ -109,6 +145,8 @@ class LoRALinear(nn.Module):
     def add(self, name: str, config: LoRAConfig) -> LoRAUpdate:
         """A new, freshly initialised adapter `name` on this layer (not made active)."""
         update = LoRAUpdate(self.in_features, self.out_features, config, _device_of(self.base))
+        if config.use_dora:
+            update.init_magnitude(self.base)
         update.train(self.training)
         self.adapters[name] = update
         return update
@@ -121,7 +159,7 @@ class LoRALinear(nn.Module):
             return self._forward_rows(x, out)
         if self.active is None:
             return out
-        return out + self.adapters[self.active](x).to(out.dtype)
+        return out + self.adapters[self.active](x, self.base, out).to(out.dtype)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each row of the batch with its own adapter: exactly what that row computes alone."""
@@ -133,13 +171,14 @@ class LoRALinear(nn.Module):
             )
         for name, rows in self.rows:
             if name in self.adapters:
-                update = self.adapters[name](x.index_select(0, rows))
+                update = self.adapters[name](x.index_select(0, rows), self.base, out.index_select(0, rows))
                 out = out.index_add(0, rows, update.to(out.dtype))
         return out
 
     # The active adapter's parts.
     lora_A = property(lambda self: self.adapters[self.active].lora_A)
     lora_B = property(lambda self: self.adapters[self.active].lora_B)
+    lora_magnitude_vector = property(lambda self: self.adapters[self.active].lora_magnitude_vector)
     config = property(lambda self: self.adapters[self.active].config)
     rank = property(lambda self: self.adapters[self.active].rank)
     scaling = property(lambda self: self.adapters[self.active].scaling)
@@ -151,6 +190,15 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active!r}" + (", disabled" if self.disabled else "")
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The (out, in) fp32 weight a frozen linear computes with: dequantized if 4-bit, untransposed if Conv1D."""
+    if quantization.is_4bit_linear(base):
+        weight = quantization.dequantize_weight(base)
+    else:
+        weight = base.weight.T if layers.holds_transposed(base) else base.weight
+    return weight.detach().float()
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -317,11 +365,15 @@ def adapter_config(model: nn.Module) -> LoRAConfig:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The active adapter's weights only, keyed `<module>.lora_A.weight` / `<module>.lora_B.weight`."""
+    """The active adapter's weights only, keyed `<module>.lora_A.weight` / `<module>.lora_B.weight`
+    (and `<module>.lora_magnitude_vector` for DoRA, as PEFT keys it)."""
     state = {}
     for name, layer in lora_layers(model):
         state[f"{name}.lora_A.weight"] = layer.lora_A.weight
         state[f"{name}.lora_B.weight"] = layer.lora_B.weight
+        magnitude = layer.adapters[layer.active].lora_magnitude_vector
+        if magnitude is not None:
+            state[f"{name}.lora_magnitude_vector"] = magnitude  # PEFT's key for DoRA's magnitude
     return state
 
 

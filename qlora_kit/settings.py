@@ -58,6 +58,7 @@ class LoRAConfig:
     dropout: float = bounded(0.05, ge=0, lt=1)  # dropout on the adapter's input during training
     target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])  # leaf names ('q_proj'), globs over full names, or 'all-linear'
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank), better for large ranks
+    use_dora: bool = False  # DoRA: also train a magnitude per output row (weight-decomposed LoRA); each step dequantizes the base weights once more
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # adapter weights; auto = float32 (mixed precision keeps fp32 masters)
 
     def problems(self) -> list[str]:
