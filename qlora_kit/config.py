@@ -122,7 +122,7 @@ def _yaml_load(text: str) -> Any:
 def _yaml_error_text(err: yaml.YAMLError) -> str:
     """'line L, column C: problem' from a PyYAML error (marks are 0-based)."""
     mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err)
+    problem = " ".join((getattr(err, "problem", None) or str(err)).split())  # one line per problem
     if mark is None:
         return problem
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"

@@ -92,11 +92,25 @@ def train(run: RunConfig) -> dict:
         if cfg.resume and resume_from is None:
             log.warning("train.resume is set but %s has no checkpoint yet: starting from step 0", out)
         return _train(run, out, resume_from, accelerator)
+    except KeyboardInterrupt:
+        last = list_checkpoints(out / "checkpoints")
+        _to_file(file_log, logging.WARNING, f"interrupted; last checkpoint: {last[-1] if last else 'none'} "
+                                            "(continue with --resume)")
+        raise
+    except QLoRAKitError as exc:  # the console shows it once, as `error: ...`; the run's log keeps it too
+        _to_file(file_log, logging.ERROR, str(exc))
+        raise
     finally:
         package_log.setLevel(level)
         if file_log is not None:
             package_log.removeHandler(file_log)
             file_log.close()
+
+
+def _to_file(handler: logging.Handler | None, level: int, message: str) -> None:
+    """A line for train.log alone (the console reports the same event its own way)."""
+    if handler is not None:
+        handler.handle(log.makeRecord(log.name, level, __file__, 0, message, None, None))
 
 
 def _resume_point(out: Path, cfg: TrainConfig, accelerator) -> Path | None:
@@ -168,6 +182,8 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
     if resume_from is None:
         start = {"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], **eval_fn()}
         metrics.write(start)
+        if "eval_loss" in start:
+            log.info("step 0: eval loss %.4f, perplexity %.2f", start["eval_loss"], start["eval_ppl"])
         if accelerator.trackers:  # the step-0 evaluation is the baseline of every curve
             accelerator.log({k: v for k, v in start.items() if isinstance(v, (int, float))}, step=0)
 
@@ -200,6 +216,8 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
                   "grad_norm": grad_norm, "tokens": state.tokens_seen, "epoch": state.epoch}
         if cfg.eval_every and state.step % cfg.eval_every == 0 or state.step == total_steps:
             record.update(eval_fn())
+            if "eval_loss" in record:
+                log.info("step %d: eval loss %.4f, perplexity %.2f", state.step, record["eval_loss"], record["eval_ppl"])
         if state.step % cfg.log_every == 0 or "eval_loss" in record:
             elapsed = time.perf_counter() - window_start
             record["tokens_per_s"] = round(window_tokens / elapsed, 1) if elapsed > 0 else None
@@ -212,8 +230,9 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
         progress.update(1)
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
             # Every process: each gives its RNG state (under FSDP, its shards too); the main one writes.
-            save_checkpoint(out / "checkpoints", model, base, optimizer, scheduler, state, cfg.keep_checkpoints,
-                            accelerator=accelerator)
+            saved = save_checkpoint(out / "checkpoints", model, base, optimizer, scheduler, state,
+                                    cfg.keep_checkpoints, accelerator=accelerator)
+            log.info("step %d: checkpoint %s", state.step, saved)
     progress.close()
     if accelerator.trackers:
         accelerator.end_training()

@@ -162,6 +162,8 @@ def test_train_log_records_the_run(finished_run):
     assert "were cut" in log  # a data warning
     assert "trainable parameters" in log and "done:" in log  # the loop's own INFO lines
     assert "MiB of packed weights" in log and "CPU threads:" in log  # the start-up banner
+    assert "step 0: eval loss" in log and "step 5: eval loss" in log  # every evaluation
+    assert "checkpoint" in log
 
 
 def test_metrics_has_one_record_per_step_with_eval_on_schedule(finished_run):
