@@ -40,7 +40,7 @@ from . import __version__
 from .config import describe, field_docs, from_dict
 from .errors import QLoRAKitError
 from .settings import (ChatOptions, DequantizeOptions, EvalOptions, ExportGGUFOptions, GenerateOptions,
-                       MergeOptions, RunConfig, load_recipe)
+                       MergeOptions, PlanOptions, RunConfig, load_recipe)
 
 log = logging.getLogger("qlora_kit.cli")
 
@@ -215,6 +215,20 @@ def _is_adapter(path: str, find_adapter) -> bool:
         return False
 
 
+def cmd_plan(opts: PlanOptions) -> int:
+    """Predict a run's peak GPU memory (simulated, no GPU needed) and what fits."""
+    from . import memory_plan
+    from .atomic import write_json
+
+    run = load_recipe(opts.recipe, opts.overrides)
+    result = memory_plan.plan(run, opts.gpu_memory, batch_size=opts.batch_size, seq_len=opts.seq_len,
+                              search=not opts.no_search)
+    print(result.render())
+    if opts.json:
+        write_json(Path(opts.json), result.as_dict())
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """Print the reference of every setting, one section, or one command's options."""
     name = args.section
@@ -256,6 +270,7 @@ COMMANDS = {
     "merge": (MergeOptions, cmd_merge, None),
     "dequantize": (DequantizeOptions, cmd_dequantize, None),
     "export-gguf": (ExportGGUFOptions, cmd_export_gguf, None),
+    "plan": (PlanOptions, cmd_plan, None),
     "config": (None, cmd_config, "print every setting with its type, range, default and meaning"),
 }
 
@@ -275,8 +290,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         doc = docs.get(f.name, "")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if f.metadata.get("positional"):
+            many = typing.get_origin(hints[f.name]) is list
             parser.add_argument(f.name, metavar=f.metadata.get("metavar") or f.name.upper(),
-                                nargs=None if required else "?", default=argparse.SUPPRESS, help=doc)
+                                nargs="*" if many else (None if required else "?"), default=argparse.SUPPRESS, help=doc)
             continue
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:

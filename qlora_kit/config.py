@@ -93,8 +93,14 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
 
 
 def positional(default: Any = dataclasses.MISSING, *, metavar: str | None = None) -> Any:
-    """A command's positional argument (``qlora-kit merge ADAPTER OUT``) rather than a ``--flag``."""
-    return dataclasses.field(default=default, metadata={"positional": True, "metavar": metavar})
+    """A command's positional argument (``qlora-kit merge ADAPTER OUT``) rather than a ``--flag``.
+
+    A list default (``positional([])``) takes any number of values.
+    """
+    metadata = {"positional": True, "metavar": metavar}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # --------------------------------------------------------------------------- YAML

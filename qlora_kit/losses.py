@@ -36,15 +36,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if softcap:
                 logits = logits.div_(softcap).tanh_().mul_(softcap)
                 # d capped / d raw = 1 - (capped / cap)^2, needed after logits become the softmax
-                cap_grad = 1 - (logits / softcap) ** 2 if grad_hidden is not None else None
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits[rows, y]).sum()
+                cap_grad = (logits / softcap).square_().neg_().add_(1) if grad_hidden is not None else None
+            target_logits = logits[rows, y]
+            # logsumexp in place: torch.logsumexp would allocate another (n, V) float32
+            # temporary; here logits become exp(logits - max), then the softmax itself.
+            maxes = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(maxes).exp_().sum(dim=-1, keepdim=True)
+            loss += (sums.log() + maxes).squeeze(-1).sub_(target_logits).sum()
             if grad_hidden is not None:
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax in place: d loss / d logits = p - onehot
+                grad = logits.div_(sums)  # softmax in place: d loss / d logits = p - onehot
                 grad[rows, y] -= 1
                 if softcap:
                     grad *= cap_grad
                 grad_hidden[start:start + chunk_rows] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            # Drop this chunk's (n, V) tensors now: the names would keep them alive while the
+            # next chunk's logits are computed, doubling the peak.
+            logits = grad = cap_grad = None
         ctx.save_for_backward(grad_hidden)
         return loss
 

@@ -112,6 +112,7 @@ class TrainConfig:
     optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = "auto"  # auto: paged_adamw_8bit on CUDA, adamw on CPU
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 where supported, else fp16 (CUDA) with loss scaling
     gradient_checkpointing: bool = True  # recompute activations in backward: much less memory, ~30% more compute
+    ignore_memory_plan: bool = False  # CUDA: train even when the memory plan predicts the step will not fit the free GPU memory
     activation_offloading: bool = False  # CUDA: keep what forward saves for backward (with checkpointing: each layer's input) in pinned host memory; frees layers x tokens x hidden x 2 bytes of GPU memory for two PCIe copies per step
     loss_chunk_tokens: int = bounded(1024, ge=1)  # supervised tokens per LM-head chunk in the fused loss (bounds logits memory)
     eval_every: int = bounded(50, ge=0)  # evaluate every N steps (and at the start and end); 0: only start and end
@@ -316,6 +317,7 @@ class PlanOptions:
     """
 
     recipe: str = positional(metavar="RECIPE")  # a recipe YAML, as for train
+    overrides: list[str] = positional([], metavar="section.key=value")  # overrides of the recipe, as for train
     gpu_memory: str = "24GiB"  # the GPU's memory: 24GiB, 80GB, 16000MB or bytes (GB = 10^9, GiB = 2^30)
     batch_size: Optional[int] = bounded(None, ge=1)  # micro-batch to plan for (default: train.batch_size)
     seq_len: Optional[int] = bounded(None, ge=2)  # tokens per row to plan for (default: data.max_seq_len)

@@ -76,6 +76,8 @@ def train(run: RunConfig) -> dict:
     if accelerator.is_fsdp2:
         _checked(lambda: _check_fsdp(run))
     main = accelerator.is_main_process
+    if accelerator.device.type == "cuda":
+        _on_main(accelerator, lambda: check_memory_plan(run, accelerator.num_processes))
     resume_from = _on_main(accelerator, lambda: _resume_point(out, cfg, accelerator))
     file_log = add_file_log(out) if main else None
     package_log = logging.getLogger("qlora_kit")
@@ -251,6 +253,30 @@ def check_tracker(report_to: str) -> None:
     if package and importlib.util.find_spec(package) is None:
         raise QLoRAKitError(f"train.report_to={report_to} needs the {package} package: pip install {package} "
                             "(or set train.report_to=none)")
+
+
+def check_memory_plan(run: RunConfig, processes: int = 1) -> None:
+    """Before a CUDA run: the simulated peak against the GPU's free memory; stop early if it cannot fit.
+
+    An out-of-memory error an hour into loading an 8B model is the usual way QLoRA
+    users learn their settings do not fit; the plan (`qlora-kit plan`) says so first.
+    Per GPU under DDP; FSDP shards the weights, so there the plan is an upper bound.
+    """
+    from . import memory_plan
+
+    plan = memory_plan.preflight(run)
+    if plan is None:
+        return
+    r = plan.report
+    log.info("memory plan (simulated): %.2f GiB per GPU of %.2f GiB free%s", r.total_bytes / 2**30,
+             plan.gpu_bytes / 2**30, " (an upper bound under FSDP)" if processes > 1 and uses_fsdp(run.train) else "")
+    if plan.fits or run.train.ignore_memory_plan:
+        return
+    raise QLoRAKitError(
+        plan.render() + "\nThe training step is predicted not to fit the free GPU memory. Try a shorter "
+        f"data.max_seq_len (now {run.data.max_seq_len}), train.batch_size=1 with more "
+        "train.gradient_accumulation_steps, or train.activation_offloading=true; `qlora-kit plan RECIPE` shows "
+        "what fits. To train anyway: train.ignore_memory_plan=true")
 
 
 def set_cpu_threads(requested: int | None, processes: int) -> int:

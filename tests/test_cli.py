@@ -242,3 +242,28 @@ def test_export_gguf_merges_a_run_then_writes_a_verified_gguf(tiny_run, tmp_path
     assert main(["export-gguf", str(tiny_run), str(tmp_path / "lora.gguf"), "--adapter-only", "--type", "f16"]) == 0
     assert any(t.name.endswith(".lora_a") for t in gguf.GGUFReader(tmp_path / "lora.gguf").tensors)
     assert main(["export-gguf", str(tiny_run), str(out)]) == 2  # exists: refused without --overwrite
+
+
+def test_plan_prints_a_simulated_breakdown_and_refuses_bad_input(tmp_path, tiny_llama_dir, capsys):
+    recipe = _recipe(tmp_path, tiny_llama_dir, tmp_path / "data.jsonl")
+    assert main(["plan", str(recipe), "train.batch_size=2", "--no-search", "--gpu-memory", "8GiB",
+                 "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "simulated" in out and "batch 2 x 64 tokens" in out and "fits" in out
+    assert json.loads((tmp_path / "plan.json").read_text())
+    assert main(["plan", str(recipe), "--gpu-memory", "lots"]) == 2
+    assert "lots" in capsys.readouterr().err
+
+
+def test_a_run_predicted_not_to_fit_stops_before_loading(tmp_path, tiny_llama_dir, monkeypatch):
+    from qlora_kit import memory_plan
+    from qlora_kit.errors import QLoRAKitError
+    from qlora_kit.settings import load_recipe
+    from qlora_kit.training import check_memory_plan
+
+    monkeypatch.setattr(memory_plan, "preflight", lambda run: memory_plan.plan(run, 2**20, search=False))
+    run = load_recipe(_recipe(tmp_path, tiny_llama_dir, tmp_path / "data.jsonl"))
+    with pytest.raises(QLoRAKitError, match="ignore_memory_plan=true"):
+        check_memory_plan(run)
+    run.train.ignore_memory_plan = True
+    check_memory_plan(run)  # told to go ahead
