@@ -71,6 +71,7 @@ def train(run: RunConfig) -> dict:
     # Seconds, before the run folder exists and before the base loads (for an 8B model, a long download).
     _checked(lambda: check_tracker(cfg.report_to))
     rows = _checked(lambda: check_rows(run.data))
+    _checked(lambda: check_cpu_model_size(run))
     out = Path(cfg.output_dir)
     accelerator = _checked(lambda: make_accelerator(cfg, out))
     if accelerator.is_fsdp2:
@@ -253,6 +254,37 @@ def check_tracker(report_to: str) -> None:
     if package and importlib.util.find_spec(package) is None:
         raise QLoRAKitError(f"train.report_to={report_to} needs the {package} package: pip install {package} "
                             "(or set train.report_to=none)")
+
+
+CPU_PARAMETER_LIMIT = 3e9  # above this, training on the CPU is refused unless model.device=cpu asks for it
+
+
+def check_cpu_model_size(run: RunConfig) -> None:
+    """No GPU and a multi-billion-parameter base: say so before a long download, not after.
+
+    The config alone (a local folder, a bundled shape or the Hub's config.json) gives
+    the parameter count; if it cannot be had, nothing is said here and loading
+    reports what is wrong.
+    """
+    if torch.cuda.is_available() or run.model.device:
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from . import memory_plan
+
+    try:
+        config = memory_plan.model_config(run.model)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - an unknown or unreadable config is loading's to report
+        return
+    params = sum(p.numel() for p in skeleton.parameters())
+    if params > CPU_PARAMETER_LIMIT:
+        raise QLoRAKitError(
+            f"there is no CUDA GPU here, and {run.model.base} has {params / 1e9:.1f}B parameters: in 4-bit it needs "
+            f"about {params * 0.6 / 2**30:.0f} GiB of RAM and a training step on the CPU takes hours. Run this recipe "
+            "on a GPU machine (`qlora-kit plan` shows what fits), or set model.device=cpu to train on the CPU anyway")
 
 
 def check_memory_plan(run: RunConfig, processes: int = 1) -> None:

@@ -29,8 +29,7 @@ from qlora_kit.data import DataConfig, collate, prepare_data, supervised_count
 from qlora_kit.lora import LoRAConfig, lora_layers, trainable_parameters
 from qlora_kit.losses import SupervisedLoss
 from qlora_kit.quantization import QuantConfig
-from qlora_kit.settings import load_recipe
-from qlora_kit.settings import TrainConfig
+from qlora_kit.settings import TrainConfig, load_recipe
 from qlora_kit.training import _accumulate, make_optimizer, make_scheduler, train
 from qlora_kit.training_state import LoopState, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.factories import tiny_llama_config, write_random_checkpoint
@@ -758,3 +757,13 @@ def test_cpu_threads_are_chosen_deliberately(monkeypatch, caplog):
         assert "CPU threads:" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_large_base_without_a_gpu_is_refused_before_any_download(tmp_path):
+    from qlora_kit.training import check_cpu_model_size
+
+    run = load_recipe(REPO / "recipes" / "llama-3.1-8b-alpaca.yaml")  # Llama-3.1-8B's bundled shape
+    with pytest.raises(QLoRAKitError, match=r"no CUDA GPU here.*8\.0B parameters.*model.device=cpu"):
+        check_cpu_model_size(run)
+    run.model.device = "cpu"  # asked for explicitly: go ahead
+    check_cpu_model_size(run)
