@@ -92,6 +92,8 @@ def test_verification_catches_a_merge_of_the_wrong_adapter(adapter, tiny_llama_d
     weights = load_file(other / "adapter_model.safetensors")
     save_file({k: v * 3 if ".lora_B." in k else v for k, v in weights.items()}, other / "adapter_model.safetensors")
     manifest = json.loads((other / "qlora_kit.json").read_text())
+    manifest.pop("files", None)  # changed on purpose: drop the integrity records of the original files
+    (other / "qlora_kit.json").write_text(json.dumps(manifest))
     report = verify_export(tmp_path / "out", other, tiny_llama_dir, manifest["quantization"], mode="nf4", batches=1,
                            min_agreement=0.98)
     assert not report["passed"] and report["metrics"]["top1_agreement"] < 0.98
