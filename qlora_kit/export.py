@@ -119,6 +119,19 @@ def merge(adapter: str | os.PathLike, out_dir: str | os.PathLike, *, progress: b
                         "transformers' and vLLM's dtype 'auto' would serve it) the merged model's logits "
                         f"overflow: {verify.summary(report)}. Export it with --dtype bfloat16 (or float32)"
                     )
+                noise = report.get("noise_floor") or {}
+                if report.get("within_noise_floor"):
+                    raise QLoRAKitError(
+                        f"verification failed, export not written: {verify.summary(report)}. The export agrees "
+                        "with the reference better than the reference agrees with itself computed in bf16: "
+                        f"--min-agreement {opts.min_agreement} is stricter than this model's precision noise"
+                    )
+                if opts.dtype != "float32" and report["metrics"]["mean_kl"] <= 2 * noise.get("mean_kl", 0):
+                    raise QLoRAKitError(  # the merge is right; rounding to the output dtype costs too much
+                        f"verification failed, export not written: {verify.summary(report)}. Rounding the merged "
+                        f"weights to {opts.dtype} moves this model about as much as computing it in bf16 does; "
+                        "export with --dtype float16 or float32 (or lower --min-agreement if you accept it)"
+                    )
                 raise QLoRAKitError(
                     f"verification failed, export not written: {verify.summary(report)}. The merged model "
                     "does not reproduce the adapter on its base; check the base, mode and adapter "

@@ -162,18 +162,20 @@ def quantized_bytes(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------
 
 
-# Rows are quantized and dequantized a block of about this many elements at a time:
-# bitsandbytes' CPU quantizer makes ~7 fp32-sized temporaries of its whole input (227 MB
-# for a 32 MB bf16 weight), which for a 70B model's 235M-parameter MLP weights would be
-# several GB. Blocks of 2^20 elements keep that near 15 MB whatever the weight.
+# Rows are quantized a block of about QUANTIZE_CHUNK_ELEMENTS at a time: bitsandbytes'
+# CPU quantizer makes ~7 fp32-sized temporaries of its whole input (227 MB for a 32 MB
+# bf16 weight), which for a 70B model's 235M-parameter MLP weights would be several GB;
+# blocks of 2^18 elements keep them near 7 MB. Dequantized weights are multiplied a
+# block of CHUNK_ELEMENTS at a time (bigger: matrix products want wide blocks).
+QUANTIZE_CHUNK_ELEMENTS = 2**18
 CHUNK_ELEMENTS = 2**20
 
 
-def _row_step(in_features: int, blocksize: int) -> int | None:
+def _row_step(in_features: int, blocksize: int, elements: int | None = None) -> int | None:
     """Rows per chunk, or None when rows do not start on block boundaries (then: one chunk)."""
     if in_features % blocksize:
         return None
-    return max(1, CHUNK_ELEMENTS // in_features)
+    return max(1, (elements or CHUNK_ELEMENTS) // in_features)
 
 
 def quantize_4bit(weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = BLOCKSIZE,
@@ -186,7 +188,7 @@ def quantize_4bit(weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: i
     and their 8-bit blockwise quantization) are computed once from every chunk's
     absmax, exactly as bitsandbytes computes them from the whole tensor.
     """
-    step = _row_step(weight.shape[-1], blocksize) if weight.ndim == 2 else None
+    step = _row_step(weight.shape[-1], blocksize, QUANTIZE_CHUNK_ELEMENTS) if weight.ndim == 2 else None
     if step is None or step >= weight.shape[0]:
         return bnbF.quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
                                   quant_type=quant_type, quant_storage=quant_storage)

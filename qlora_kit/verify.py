@@ -187,12 +187,10 @@ def _within(metrics: dict, noise: dict) -> bool:
 
 def noise_verdict(metrics: dict, noise: dict) -> str:
     """One sentence: is the export's deviation below what computing the reference in bf16 alone causes?"""
-    kl_ratio = metrics["mean_kl"] / noise["mean_kl"] if noise["mean_kl"] > 0 else math.inf
-    if _within(metrics, noise):
-        return (f"within the noise floor: {kl_ratio:.2g}x its KL, top-1 agreement "
-                f"{(metrics['top1_agreement'] - noise['top1_agreement']) * 100:+.2f} points above it")
-    return (f"outside the noise floor: {kl_ratio:.3g}x its KL, top-1 agreement "
-            f"{(metrics['top1_agreement'] - noise['top1_agreement']) * 100:+.2f} points against it")
+    ratio = metrics["mean_kl"] / noise["mean_kl"] if noise["mean_kl"] > 0 else math.inf
+    points = (metrics["top1_agreement"] - noise["top1_agreement"]) * 100
+    return (f"{'within' if _within(metrics, noise) else 'outside'} the noise floor: KL {ratio:.2g}x the floor's, "
+            f"top-1 agreement {abs(points):.2f} points {'above' if points >= 0 else 'below'} it")
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +245,7 @@ def _as_batch(batch) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Agreement metrics, accumulated over vocabulary chunks (float64), then positions
+# Agreement metrics, accumulated over vocabulary chunks, then positions
 # ---------------------------------------------------------------------------
 
 VOCAB_CHUNK = 8192  # logits columns scored at a time by `compare`
@@ -259,52 +257,52 @@ class _Scores:
     def __init__(self, targets: torch.Tensor):
         n = targets.shape[0]
         self.targets = targets  # next token id per position, -1 where there is none
-        self.max = torch.full((n,), -math.inf, dtype=torch.float64)
+        self.max = torch.full((n,), -math.inf)
         self.sum = torch.zeros(n, dtype=torch.float64)
         self.best = torch.zeros(n, dtype=torch.long)
-        self.target = torch.zeros(n, dtype=torch.float64)
+        self.target = torch.zeros(n)
         self.finite = True
 
-    def update(self, logits: torch.Tensor, start: int) -> None:
+    def update(self, logits: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take in a chunk (n, v) of fp32 logits; returns exp(logits - running max) and the old sums' rescale."""
         self.finite = self.finite and bool(torch.isfinite(logits.sum()))
         top, where = logits.max(-1)
         new = torch.maximum(self.max, top)
-        self.sum = self.sum * torch.exp(self.max - new) + torch.exp(logits - new[:, None]).sum(-1)
+        scale = torch.exp(self.max - new).double()
+        weights = torch.exp(logits - new[:, None])
+        self.sum = self.sum * scale + weights.sum(-1).double()
         self.best = torch.where(top > self.max, where + start, self.best)  # ties keep the first index, as argmax
         self.max = new
         inside = (self.targets >= start) & (self.targets < start + logits.shape[1])
         if inside.any():
             rows = inside.nonzero().squeeze(1)
             self.target[rows] = logits[rows, self.targets[rows] - start]
+        return weights, scale
 
     def logsumexp(self) -> torch.Tensor:
-        return self.max + torch.log(self.sum)
+        return self.max.double() + torch.log(self.sum)
 
 
 class _Pair:
-    """Per position, over the vocabulary chunks seen so far: the reference's running softmax sum and
-    sum exp(l_ref - max) * (l_ref - l_cand), and sum |l_ref - l_cand|."""
+    """Per position, over the vocabulary chunks seen so far, with d = l_ref - l_cand and w = exp(l_ref - max):
+    sum w*d and sum w*expm1(-d), from which KL = E_ref[d] + log E_ref[exp(-d)] follows without cancellation
+    (the difference of two log-sum-exps would lose a 1e-9 KL to fp32 rounding); and sum |d|."""
 
     def __init__(self, n: int):
-        self.max = torch.full((n,), -math.inf, dtype=torch.float64)
-        self.sum = torch.zeros(n, dtype=torch.float64)
         self.cross = torch.zeros(n, dtype=torch.float64)
+        self.tilt = torch.zeros(n, dtype=torch.float64)
         self.abs = torch.zeros(n, dtype=torch.float64)
         self.max_abs = 0.0
         self.vocab = 0
 
-    def update(self, ref: torch.Tensor, cand: torch.Tensor) -> None:
-        """One vocabulary chunk of both sides' logits (n, v), float64."""
-        new = torch.maximum(self.max, ref.max(-1).values)
-        scale = torch.exp(self.max - new)
-        weights = torch.exp(ref - new[:, None])
+    def update(self, ref: torch.Tensor, cand: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor) -> None:
+        """One vocabulary chunk (n, v) of both sides' logits, with `_Scores.update`'s result for the reference."""
         diff = ref - cand
-        self.sum = self.sum * scale + weights.sum(-1)
-        self.cross = self.cross * scale + (weights * diff).sum(-1)
-        self.max = new
+        self.cross = self.cross * scale + (weights * diff).sum(-1).double()
+        self.tilt = self.tilt * scale + (weights * torch.expm1(-diff)).sum(-1).double()
         diff.abs_()
         self.max_abs = max(self.max_abs, float(diff.max()))
-        self.abs += diff.sum(-1)
+        self.abs += diff.sum(-1).double()
         self.vocab += ref.shape[1]
 
 
@@ -312,9 +310,7 @@ class Agreement:
     """Next-token agreement of a candidate with a reference, summed over positions.
 
     Each batch's positions are scored chunk by chunk of the vocabulary (`_Scores` per
-    side, `_Pair` for both), so no full logits tensor is needed; KL(ref || cand) is
-    sum p_ref (l_ref - l_cand) - lse_ref + lse_cand, computed in float64 so that a
-    tiny KL (1e-9 for an fp32 export) is not lost to cancellation.
+    side, `_Pair` for both), so no full logits tensor is needed.
     """
 
     def __init__(self):
@@ -325,7 +321,7 @@ class Agreement:
 
     def add(self, pair: _Pair, ref: _Scores, cand: _Scores, where: list | None = None) -> torch.Tensor:
         """Count a batch's positions, once every chunk was seen; returns their KL. `where[i]` locates position i."""
-        kl = pair.cross / pair.sum - ref.logsumexp() + cand.logsumexp()
+        kl = pair.cross / ref.sum + torch.log1p(pair.tilt / ref.sum)
         self.tokens += kl.numel()
         self.kl_sum += float(kl.sum())
         self.agree += int((ref.best == cand.best).sum())
@@ -390,10 +386,9 @@ def compare(reference: nn.Module, candidate: nn.Module, batches: list) -> dict:
 def _score_chunks(agreement: Agreement, ref: torch.Tensor, cand: torch.Tensor, targets, where) -> torch.Tensor:
     ref_scores, cand_scores, pair = _Scores(targets), _Scores(targets), _Pair(len(targets))
     for start in range(0, ref.shape[1], VOCAB_CHUNK):
-        r, c = ref[:, start:start + VOCAB_CHUNK].double(), cand[:, start:start + VOCAB_CHUNK].double()
-        ref_scores.update(r, start)
+        r, c = ref[:, start:start + VOCAB_CHUNK].float(), cand[:, start:start + VOCAB_CHUNK].float()
+        pair.update(r, c, *ref_scores.update(r, start))
         cand_scores.update(c, start)
-        pair.update(r, c)
     return agreement.add(pair, ref_scores, cand_scores, where)
 
 
@@ -483,33 +478,64 @@ class NotStreamable(QLoRAKitError):
     """This architecture cannot be verified layer by layer (the caller falls back to whole models)."""
 
 
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class _Tensors:
-    """Random access to a checkpoint's tensors by name, whole or a range of rows; a shard is open only while read."""
+    """A checkpoint's tensors by name, whole or a range of rows, read with plain file reads.
+
+    Not through a memory map: pages of a mapped shard count in the process's RSS while
+    any tensor viewing them lives, and safetensors' slices keep them mapped. Here each
+    tensor read is one owned buffer and nothing else.
+    """
 
     def __init__(self, checkpoint):
         self.folder = checkpoint.folder
-        self.where = checkpoint.tensor_names()
+        self.where = checkpoint.tensor_names()  # also checks every shard's header
+        self.headers: dict = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str) -> torch.Tensor:
-        with _open_shard(self.where[name]) as f:
-            return f.get_tensor(name)
-
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        with _open_shard(self.where[name]) as f:
-            return f.get_slice(name)[start:stop]
-
-    def pick_rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` (sorted, unique) of a 2-D tensor, read one by one: an embedding never loaded whole."""
-        with _open_shard(self.where[name]) as f:
-            piece = f.get_slice(name)
-            return torch.cat([piece[i:i + 1] for i in ids.tolist()])
+    def _info(self, name: str) -> tuple[Path, int, dict]:
+        shard = self.where[name]
+        if shard not in self.headers:
+            with open(shard, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                self.headers[shard] = (8 + size, json.loads(f.read(size)))
+        start, header = self.headers[shard]
+        return shard, start, header[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        with _open_shard(self.where[name]) as f:
-            return tuple(f.get_slice(name).get_shape())
+        return tuple(self._info(name)[2]["shape"])
+
+    def _read(self, name: str, first_row: int, rows: int) -> torch.Tensor:
+        shard, start, info = self._info(name)
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:  # an unusual dtype: let safetensors decode it
+            with _open_shard(shard) as f:
+                return f.get_slice(name)[first_row:first_row + rows].clone()
+        shape = list(info["shape"]) or [1]
+        row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+        out = torch.empty(rows * row_bytes, dtype=torch.uint8)
+        with open(shard, "rb") as f:
+            f.seek(start + info["data_offsets"][0] + first_row * row_bytes)
+            if f.readinto(out.numpy()) != out.numel():
+                raise QLoRAKitError(f"shard {shard} is truncated: {name} cannot be read whole")
+        return out.view(dtype).reshape([rows] + shape[1:] if info["shape"] else [])
+
+    def get(self, name: str) -> torch.Tensor:
+        shape = self.shape(name)
+        return self._read(name, 0, shape[0] if shape else 1)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._read(name, start, stop - start)
+
+    def pick_rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a 2-D tensor, read one by one: an embedding is never loaded whole."""
+        return torch.cat([self._read(name, i, 1) for i in ids.tolist()])
 
 
 class _Recorder(nn.Module):
@@ -554,7 +580,8 @@ class _Side:
         self.config = net.config
         self.prefix, self.layers = _decoder_layers(net)
         self.decoder = net.get_decoder()
-        self.norm_attr = next((a for a in ("norm", "final_layernorm", "ln_f") if hasattr(self.decoder, a)), None)
+        self.norm_attr = next((a for a in ("norm", "final_layernorm", "final_layer_norm", "ln_f")
+                               if hasattr(self.decoder, a)), None)
         names = {id(m): n for n, m in net.named_modules()}
         self.embed_name = names[id(net.get_input_embeddings())] + ".weight"
         self.norm_name = names[id(getattr(self.decoder, self.norm_attr))] if self.norm_attr else None
@@ -565,7 +592,7 @@ class _Side:
         self._check()
 
     def _check(self) -> None:
-        from .layers import stores_transposed
+        from transformers.pytorch_utils import Conv1D
 
         problems = []
         if self.norm_attr is None:
@@ -577,9 +604,9 @@ class _Side:
         params = dict(layer.named_parameters())
         if any(p.ndim == 3 for p in params.values()):
             problems.append("its experts are stacked 3-D parameters")
-        if any(stores_transposed(m) for m in layer.modules() if isinstance(m, nn.Module) and m is not layer
-               and hasattr(m, "weight")):
-            problems.append("it has Conv1D layers")
+        if any(isinstance(m, Conv1D) or issubclass(getattr(m, "source_cls", nn.Linear), Conv1D)
+               for m in layer.modules()):
+            problems.append("it has Conv1D layers (weights stored transposed)")
         missing = [n for n in params if f"{self.prefix}.0.{n}" not in self.tensors]
         if missing or self.embed_name not in self.tensors:
             problems.append(f"its checkpoint names differ from its parameter names (e.g. {self.prefix}.0.{missing[0] if missing else ''})")
@@ -654,8 +681,7 @@ class _Side:
             full = f"{prefix}.{name}"
             if full not in self.tensors:
                 raise NotStreamable(f"{self.tensors.folder} has no tensor {full}")
-            raw = self.tensors.get(full)  # a view of the memory-mapped shard
-            value = self.stored(full, raw)
+            value = self.stored(full, self.tensors.get(full))
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
             if tuple(value.shape) != tuple(param.shape):
@@ -664,10 +690,8 @@ class _Side:
             if quantization.is_4bit_linear(owner) and leaf == "weight":
                 quantization.linear4bit_from(owner, value)
             else:
-                if value.data_ptr() == raw.data_ptr():
-                    value = value.clone()  # own the memory: a view would keep the shard mapped
                 setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
-            del value, raw
+            del value
             memory.release()  # the quantizer's temporaries and the shard pages read
 
     def _apply_adapter(self, module: nn.Module, prefix: str) -> None:
@@ -735,7 +759,7 @@ def _cast_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = module.weight, module.bias
     rows = weight.shape[0]
     step = max(1, quantization.CHUNK_ELEMENTS // weight.shape[1])
-    if weight.dtype == x.dtype or step >= rows:
+    if step >= rows:  # also when no cast is needed: CPU float16 products convert their whole weight
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     out = torch.empty(*x.shape[:-1], rows, dtype=x.dtype, device=x.device)
     for start in range(0, rows, step):
@@ -764,11 +788,14 @@ def _plain_skeleton(config, model_cfg, dtype: torch.dtype = torch.float32):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .loading import attention_for
+    from . import loading
 
+    attention = model_cfg.attn_implementation
+    if hasattr(loading, "attention_for"):  # the kernel the 4-bit skeleton gets, for a model that lacks the asked one
+        attention = loading.attention_for(config, attention)
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
-                                                attn_implementation=attention_for(config, model_cfg.attn_implementation))
+                                                attn_implementation=attention)
 
 
 class _Stream:
@@ -784,8 +811,14 @@ class _Stream:
 
     def run(self, layer: _Computing, index: int) -> None:
         module = layer(self.dtype)
-        self.hidden = [_run_layer(module, h, calls[index]) for h, calls in zip(self.hidden, self.calls)]
-        memory.release()
+        self.hidden = [_released(_run_layer(module, h, calls[index])) for h, calls in zip(self.hidden, self.calls)]
+
+
+def _released(value):
+    """`value`, after handing the heap's free pages back to the OS: a layer's temporaries, freed, would
+    otherwise stay resident (glibc keeps them) and pile up from one forward to the next."""
+    memory.release()
+    return value
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -860,7 +893,7 @@ def stream_compare(export_dir, record, base_folder, quant: dict, *, mode: str, i
             if side is merged:  # the export's layer on exactly the reference's input
                 module = layer(torch.float32)
                 for b, (h, calls) in enumerate(zip(before, streams["merged"].calls)):
-                    out = _run_layer(module, h, calls[index])
+                    out = _released(_run_layer(module, h, calls[index]))
                     ref_out = streams["reference"].hidden[b]
                     local.append(_rel(out, ref_out, masks[b], scale=ref_out - h))
                 del module, out
@@ -929,16 +962,16 @@ def _score_streams(streams: dict, sides: list, inputs: list, mode: str) -> dict:
     for start in range(0, vocab, step):
         rows = {id(side): side.head_rows(start, min(start + step, vocab)) for side in sides}
         for b in batches:
-            chunk = {}
+            chunk, seen = {}, {}
             for name, stream in streams.items():
                 logits = F.linear(finals[name, b], rows[id(stream.side)].to(stream.dtype))
                 if cap:  # Gemma-2's final soft-capping, as its forward applies it
                     logits = torch.tanh(logits / cap) * cap
-                chunk[name] = logits.double()
-                scores[name, b].update(chunk[name], start)
+                chunk[name] = logits.float()
+                seen[name] = scores[name, b].update(chunk[name], start)
             for key, (ref, cand) in pairs.items():
-                running[key, b].update(chunk[ref], chunk[cand])
-        del rows, chunk
+                running[key, b].update(chunk[ref], chunk[cand], *seen[ref])
+        del rows, chunk, seen
         memory.release()
     result = {}
     for key, (ref, cand) in pairs.items():
