@@ -30,6 +30,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -74,10 +75,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(opts: GenerateOptions) -> int:
-    """One reply, streamed to stdout as it is generated."""
+    """One reply streamed to stdout as it is generated; or, with --prompts, one JSON line per row."""
+    if (opts.prompt is None) == (opts.prompts is None):
+        raise QLoRAKitError("give --prompt TEXT, or --prompts FILE.jsonl for several prompts (one of the two)")
+    if opts.prompts is not None and opts.use is not None:
+        raise QLoRAKitError("--use picks the adapter for --prompt; in a --prompts file each row names its "
+                            "own (\"adapter\": NAME, or null for the base)")
+    if opts.prompts is not None:
+        return _generate_rows(opts)
     loaded = _load(opts, use_template=not opts.no_chat_template)
+    if opts.use is not None:
+        loaded.use(opts.use)
     loaded.generate(opts.prompt, system=opts.system, stream=lambda piece: print(piece, end="", flush=True))
     print(flush=True)
+    return 0
+
+
+def _generate_rows(opts: GenerateOptions) -> int:
+    """Answer a prompts file a batch at a time, each row by its own adapter."""
+    from .generation import read_prompts
+
+    rows = read_prompts(opts.prompts)  # checked before the model loads
+    loaded = _load(opts, use_template=not opts.no_chat_template)
+    loaded._check_names([row.adapter for row in rows])
+    for start in range(0, len(rows), opts.batch_size):
+        batch = rows[start:start + opts.batch_size]
+        replies = loaded.generate_many([r.prompt for r in batch], [r.adapter for r in batch],
+                                       systems=[r.system for r in batch])
+        for row, reply in zip(batch, replies):
+            print(json.dumps({"prompt": row.prompt, "adapter": row.adapter, "reply": reply}, ensure_ascii=False),
+                  flush=True)
     return 0
 
 
@@ -89,7 +116,8 @@ def cmd_chat(opts: ChatOptions) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
-        print("chat: /reset clears the history, /exit (or Ctrl-D) quits; Ctrl-C stops a reply", file=sys.stderr)
+        print("chat: /reset clears the history, /use NAME answers with another adapter ('base': none), "
+              "/exit (or Ctrl-D) quits; Ctrl-C stops a reply", file=sys.stderr)
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()
@@ -106,6 +134,9 @@ def cmd_chat(opts: ChatOptions) -> int:
             session.reset()
             print("(history cleared)", file=sys.stderr)
             continue
+        if text.split()[0] == "/use":
+            _switch_adapter(session.loaded, text.split()[1:])
+            continue
         try:
             session.send(text, stream=lambda piece: print(piece, end="", flush=True))
         except KeyboardInterrupt:
@@ -117,12 +148,26 @@ def cmd_chat(opts: ChatOptions) -> int:
     return 0
 
 
+def _switch_adapter(loaded, words: list[str]) -> None:
+    """`/use NAME` in a chat: the next replies come from that adapter (the history is kept)."""
+    names = ", ".join(list(loaded.adapters) + ["base"])
+    if len(words) != 1:
+        print(f"(usage: /use NAME; loaded: {names}; now: {loaded.active or 'base'})", file=sys.stderr)
+        return
+    try:
+        loaded.use(words[0])
+    except QLoRAKitError as e:
+        print(f"({e})", file=sys.stderr)
+        return
+    print(f"(answering with {loaded.active or 'the base alone'})", file=sys.stderr)
+
+
 def cmd_eval(opts: EvalOptions) -> int:
     """Loss and perplexity on a file, or on a run's held-out split."""
     from .evaluation import evaluate_dataset
     from .settings import DataConfig
 
-    loaded = _load(opts)
+    loaded = _load(opts, several=False)
     run = loaded.run
     if opts.data is None and run is None:
         raise QLoRAKitError("eval needs --data FILE (or a run folder, whose held-out split is then evaluated)")
@@ -247,14 +292,46 @@ def cmd_config(args: argparse.Namespace) -> int:
                         f"commands are {', '.join(options)}")
 
 
-def _load(opts, use_template: bool = True):
+def _load(opts, use_template: bool = True, several: bool = True):
     from .generation import load_model
 
-    if opts.adapter and opts.run:
-        raise QLoRAKitError("give the adapter either as the positional argument or with --adapter, not both")
+    given = ([opts.run] if opts.run else []) + list(opts.adapter)
+    if len(given) > 1 and not several:
+        raise QLoRAKitError(f"this command takes one adapter ({len(given)} given); run it once per adapter")
+    adapters = _named_adapters(given)
     generation = getattr(opts, "max_new_tokens", None) is not None
-    return load_model(opts.base, opts.adapter or opts.run, device=opts.device, force=opts.force,
+    return load_model(opts.base, adapters or None, device=opts.device, force=opts.force,
                       use_template=use_template, settings=opts if generation else None)
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _named_adapters(values: list[str]) -> dict[str, str] | str:
+    """The adapters given on the command line: `PATH` or `NAME=PATH` each.
+
+    One unnamed adapter is returned as its path (it gets the default name); several
+    unnamed ones are named after their folders (a run's, for `RUN/adapter`).
+    """
+    if len(values) == 1 and not _split_name(values[0])[0]:
+        return values[0]
+    named: dict[str, str] = {}
+    for value in values:
+        name, path = _split_name(value)
+        folder = Path(path)
+        name = name or (folder.resolve().parent.name if folder.name == "adapter" else folder.resolve().name)
+        if name in named:
+            raise QLoRAKitError(f"two adapters are named '{name}'; name them: --adapter NAME=PATH")
+        named[name] = path
+    return named
+
+
+def _split_name(value: str) -> tuple[str | None, str]:
+    """'name=path' -> (name, path) unless `value` is itself an existing path; 'path' -> (None, path)."""
+    name, sep, path = value.partition("=")
+    if sep and _ADAPTER_NAME.fullmatch(name) and not Path(value).exists():
+        return name, path
+    return None, value
 
 
 def _size(nbytes: int) -> str:
@@ -297,6 +374,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         if hints[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=doc)
+            continue
+        if typing.get_origin(hints[f.name]) is list:  # a repeatable flag: --adapter a=x --adapter b=y
+            parser.add_argument(flag, dest=f.name, metavar="VALUE", action="append", default=argparse.SUPPRESS,
+                                help=doc)
             continue
         shown = "" if required or f.default is None else f" (default {f.default})"
         parser.add_argument(flag, dest=f.name, metavar=_metavar(hints[f.name]), required=required,

@@ -158,7 +158,7 @@ class ModelSourceOptions:
     """Which model a command loads: a base in 4-bit, optionally with an adapter."""
 
     run: Optional[str] = positional(None, metavar="RUN|ADAPTER")  # a training run folder or an adapter folder (same as --adapter)
-    adapter: Optional[str] = None  # adapter folder, or a run folder holding adapter/
+    adapter: list[str] = field(default_factory=list)  # adapter or run folder; repeat as --adapter NAME=PATH to load several on one base (the first is active)
     base: Optional[str] = None  # base model: local folder, Hub id, .gguf file or 'smollm2-135m-instruct' (default with an adapter: the base it was trained on)
     device: Optional[str] = None  # 'cuda', 'cuda:1', 'cpu' (default: CUDA when present)
     force: bool = False  # load the adapter even if the base differs from the one it was trained on
@@ -176,7 +176,7 @@ class GenerationOptions:
 
 @dataclass(kw_only=True)
 class ChatOptions(ModelSourceOptions, GenerationOptions):
-    """`qlora-kit chat`: talk with a base and optional adapter; reads lines from stdin (/reset, /exit)."""
+    """`qlora-kit chat`: talk with a base and optional adapters; reads lines from stdin (/reset, /use NAME, /exit)."""
 
     system: Optional[str] = None  # system message
 
@@ -185,7 +185,10 @@ class ChatOptions(ModelSourceOptions, GenerationOptions):
 class GenerateOptions(ChatOptions):
     """`qlora-kit generate`: one reply to one prompt."""
 
-    prompt: str  # the user's message
+    prompt: Optional[str] = None  # the user's message
+    prompts: Optional[str] = None  # a .jsonl file of {"prompt", "adapter", "system"} rows, answered --batch-size rows at a time, each row by its own adapter (null: the base); prints one JSON line per row
+    use: Optional[str] = None  # which loaded adapter answers --prompt ('base' for none; default: the first)
+    batch_size: int = bounded(8, ge=1)  # rows of a --prompts file generated together
     no_chat_template: bool = False  # send the prompt as plain text instead of through the chat template / prompt style
 
 

@@ -146,3 +146,106 @@ def test_saving_writes_the_active_adapter(tmp_path, both, single, tiny_llama_dir
     finally:
         set_active_adapter(both, "a")
     torch.testing.assert_close(logits(alone(tiny_llama_dir, tmp_path / "b-again")), logits(single["b"]), atol=0, rtol=0)
+
+
+def tensor_bytes(model) -> int:
+    """Bytes held by the model's parameters and buffers, each storage counted once."""
+    storages = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_an_extra_adapter_costs_only_its_own_weights(adapters, tiny_llama_dir):
+    from qlora_kit.adapter_io import AdapterRecord
+
+    model, _, info = load_base(str(tiny_llama_dir))
+    load_adapter(model, adapters["a"], adapter_name="a", base=info)
+    one = tensor_bytes(model)
+    load_adapter(model, adapters["b"], adapter_name="b", base=info)
+    b_weights = AdapterRecord.read(adapters["b"]).weights()
+    # b's tensors in the dtype the layers keep them in (the base's compute dtype here), nothing more
+    dtype = next(layer.adapters["b"].lora_A.weight.dtype for _, layer in wrapped_layers(model) if "b" in layer.adapters)
+    expected = sum(t.numel() for t in b_weights.values()) * torch.empty((), dtype=dtype).element_size()
+    assert tensor_bytes(model) - one == expected
+
+
+# ---------------------------------------------------------------- the command line: --adapter NAME=PATH, per prompt
+
+PROMPTS = ["What is a permit?", "Say hello.", "Count to three."]
+
+
+@pytest.fixture(scope="module")
+def alone_replies(adapters, tiny_llama_dir):
+    """Each prompt answered by each adapter loaded alone, and by the base alone (the references)."""
+    from qlora_kit.generation import load_model
+    from qlora_kit.settings import GenerationOptions
+
+    settings = GenerationOptions(max_new_tokens=6)
+    replies = {}
+    for name in ("a", "b", None):
+        source = dict(adapter=adapters[name]) if name else dict(base=str(tiny_llama_dir))
+        loaded = load_model(**source, settings=settings)
+        replies[name] = [loaded.generate(p) for p in PROMPTS]
+    return replies
+
+
+def test_generate_answers_a_prompts_file_each_row_with_its_adapter(tmp_path, adapters, alone_replies, capsys):
+    import json
+
+    from qlora_kit.cli import main
+
+    rows = [{"prompt": PROMPTS[0], "adapter": "b"}, {"prompt": PROMPTS[1], "adapter": None},
+            {"prompt": PROMPTS[2], "adapter": "a"}, {"prompt": PROMPTS[0]}]
+    file = tmp_path / "prompts.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["generate", "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
+                 "--prompts", str(file), "--max-new-tokens", "6", "--batch-size", "3"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = [alone_replies["b"][0], alone_replies[None][1], alone_replies["a"][2], alone_replies[None][0]]
+    assert [o["reply"] for o in out] == expected
+    assert [o["adapter"] for o in out] == ["b", None, "a", None]
+
+
+def test_use_picks_the_adapter_that_answers(adapters, alone_replies, capsys):
+    from qlora_kit.cli import main
+
+    both_flags = ["--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}", "--max-new-tokens", "6"]
+    for use, expected in (("b", alone_replies["b"][1]), ("base", alone_replies[None][1]), (None, alone_replies["a"][1])):
+        assert main(["generate", *both_flags, "--prompt", PROMPTS[1]] + (["--use", use] if use else [])) == 0
+        assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_chat_switches_adapters_with_use(adapters, alone_replies, monkeypatch, capsys):
+    import io
+    import sys
+
+    from qlora_kit.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/use b\n{PROMPTS[1]}\n/use nobody\n/reset\n/use base\n{PROMPTS[1]}\n"))
+    assert main(["chat", "--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
+                 "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert [line.strip() for line in captured.out.splitlines()] == [alone_replies["b"][1].strip(),
+                                                                    alone_replies[None][1].strip()]
+    assert "answering with b" in captured.err and "no adapter named 'nobody' is loaded; loaded: a, b" in captured.err
+
+
+def test_adapter_name_mistakes_are_reported_before_generating(tmp_path, adapters, capsys):
+    from qlora_kit.cli import main
+
+    both_flags = ["--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}"]
+    file = tmp_path / "prompts.jsonl"
+    file.write_text('{"prompt": "hi", "adapter": "c"}\n')
+    assert main(["generate", *both_flags, "--prompts", str(file)]) == 2
+    assert "no adapter named 'c' is loaded; loaded: a, b (or 'base' for the base alone)" in capsys.readouterr().err
+    file.write_text('{"prompt": "", "adpter": "a"}\n')
+    assert main(["generate", *both_flags, "--prompts", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert "row 1: unknown key(s) adpter" in err and "row 1: 'prompt' must be a non-empty string" in err
+    assert main(["generate", *both_flags, "--prompt", "hi", "--use", "c"]) == 2
+    assert "loaded: a, b" in capsys.readouterr().err
+    assert main(["generate", "--adapter", str(adapters["a"]), "--adapter", str(adapters["a"]), "--prompt", "x"]) == 2
+    assert "two adapters are named 'a'; name them: --adapter NAME=PATH" in capsys.readouterr().err
+    assert main(["eval", *both_flags]) == 2
+    assert "this command takes one adapter (2 given)" in capsys.readouterr().err
