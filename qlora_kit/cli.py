@@ -97,7 +97,7 @@ def _generate_rows(opts: GenerateOptions) -> int:
 
     rows = read_prompts(opts.prompts)  # checked before the model loads
     loaded = _load(opts, use_template=not opts.no_chat_template)
-    loaded._check_names([row.adapter for row in rows])
+    loaded.check_names([row.adapter for row in rows])
     for start in range(0, len(rows), opts.batch_size):
         batch = rows[start:start + opts.batch_size]
         replies = loaded.generate_many([r.prompt for r in batch], [r.adapter for r in batch],

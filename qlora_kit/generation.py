@@ -137,12 +137,13 @@ class LoadedModel:
                 set_adapters_enabled(self.model, False)
             self.active = None
             return
-        self._check_names([name])
+        self.check_names([name])
         set_active_adapter(self.model, name)
         set_adapters_enabled(self.model, True)
         self.active = name
 
-    def _check_names(self, names) -> None:
+    def check_names(self, names) -> None:
+        """Refuse adapter names that are not loaded, listing the loaded ones."""
         unknown = sorted({n for n in names if n not in (None, BASE) and n not in self.adapters})
         if unknown:
             loaded = ", ".join(self.adapters) or "none"
@@ -167,7 +168,7 @@ class LoadedModel:
         left-padded; the adapters are routed per row (`lora.adapters_per_row`), so
         every reply is the one that adapter gives the prompt alone (greedy).
         """
-        self._check_names(adapters)
+        self.check_names(adapters)
         systems = systems or [None] * len(prompts)
         formats = [self.adapters[a].format if a not in (None, BASE) else self.base_format for a in adapters]
         encoded = [self.tokenizer(fmt.render(self.tokenizer, _messages(p, s)), add_special_tokens=fmt.add_special_tokens)
