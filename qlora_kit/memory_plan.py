@@ -353,7 +353,9 @@ def _settings_line(s: dict) -> str:
         return ""
     on = lambda key: "on" if s.get(key) else "off"  # noqa: E731
     return (f"{s.get('mixed_precision')} autocast, gradient checkpointing {on('gradient_checkpointing')}, "
-            f"activation offloading {on('activation_offloading')}, {s.get('optimizer')}, "
+            f"activation offloading {on('activation_offloading')}, "
+            + (f"tiled MLP ({s['mlp_chunk_tokens']} tokens), " if s.get("mlp_chunk_tokens") else "")
+            + f"{s.get('optimizer')}, "
             f"LoRA r={s.get('lora_rank')} on {s.get('lora_layers')} layers, "
             f"loss chunk {s.get('loss_chunk_tokens')} rows" + (", packed rows (4D mask)" if s.get("packing") else ""))
 
@@ -689,12 +691,15 @@ def _qlora_kit_setup(model, run: RunConfig, device, planned: str, pin_memory: Op
     from .losses import SupervisedLoss
     from .lora import apply_lora, trainable_parameters
     from .offload import enable_activation_offloading
+    from .tiling import tile_mlps
     from .training import enable_checkpointing, make_optimizer
 
     cfg = run.train
     apply_lora(model, run.lora)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.mlp_chunk_tokens:
+        tile_mlps(model, cfg.mlp_chunk_tokens)
     if cfg.activation_offloading:
         enable_activation_offloading(model, device, pin_memory=pin_memory)
     model.config.use_cache = False
@@ -759,6 +764,7 @@ def measure(build: Callable, run: RunConfig, *, planned: str, device, tracker: M
         "mixed_precision": precision,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "activation_offloading": cfg.activation_offloading,
+        "mlp_chunk_tokens": cfg.mlp_chunk_tokens,
         "optimizer": _optimizer_name(cfg, "cpu" if planned == "cpu" else "cuda"),
         "lora_rank": run.lora.rank,
         "lora_layers": lora_layers,

@@ -115,6 +115,7 @@ class TrainConfig:
     ignore_memory_plan: bool = False  # CUDA: train even when the memory plan predicts the step will not fit the free GPU memory
     activation_offloading: bool = False  # CUDA: keep what forward saves for backward (with checkpointing: each layer's input) in pinned host memory; frees layers x tokens x hidden x 2 bytes of GPU memory for two PCIe copies per step
     loss_chunk_tokens: int = bounded(1024, ge=1)  # supervised tokens per LM-head chunk in the fused loss (bounds logits memory)
+    mlp_chunk_tokens: int = bounded(0, ge=0)  # compute each decoder layer's MLP this many tokens at a time, each slice recomputed in backward (tiled MLP): for long sequences, the MLP activations stop growing with the sequence for ~1/6 more compute; 0 = whole sequence
     eval_every: int = bounded(50, ge=0)  # evaluate every N steps (and at the start and end); 0: only start and end
     eval_batches: Optional[int] = bounded(None, ge=1)  # cap evaluation at N micro-batches; default: the whole held-out set
     save_every: int = bounded(50, ge=0)  # checkpoint every N steps; 0: only the final adapter

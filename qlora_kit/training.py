@@ -41,6 +41,7 @@ from .loading import load_base
 from .lora import apply_lora, parameter_counts, select_targets, set_adapters_enabled, trainable_parameters
 from .losses import SupervisedLoss, perplexity
 from .offload import enable_activation_offloading
+from .tiling import tile_mlps
 from .precision import resolve_mixed_precision, torch_dtype
 from .run_folder import (METRICS_FILE, RUN_MARKER, MetricsLog, add_file_log, is_run_folder, plot_loss_curve,
                          write_run_marker, write_run_readme, write_samples)
@@ -146,6 +147,8 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
              quantization.quantized_bytes(model) / 2**20)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.mlp_chunk_tokens:
+        tile_mlps(model, cfg.mlp_chunk_tokens)
     if cfg.activation_offloading:
         enable_activation_offloading(model, accelerator.device)  # a logged no-op on the CPU
     model.config.use_cache = False
@@ -307,7 +310,8 @@ def check_memory_plan(run: RunConfig, processes: int = 1) -> None:
     raise QLoRAKitError(
         plan.render() + "\nThe training step is predicted not to fit the free GPU memory. Try a shorter "
         f"data.max_seq_len (now {run.data.max_seq_len}), train.batch_size=1 with more "
-        "train.gradient_accumulation_steps, or train.activation_offloading=true; `qlora-kit plan RECIPE` shows "
+        "train.gradient_accumulation_steps, train.activation_offloading=true, or (long sequences) "
+        "train.mlp_chunk_tokens=4096; `qlora-kit plan RECIPE` shows "
         "what fits. To train anyway: train.ignore_memory_plan=true")
 
 

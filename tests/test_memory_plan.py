@@ -68,6 +68,7 @@ def cuda_results(tiny_llama_dir, tmp_path_factory):
     eight_bit = _run(tiny_llama_dir, optimizer="adamw_8bit", gradient_accumulation_steps=2)
     kept = _run(wide)
     offload = _run(wide, activation_offloading=True)
+    tiled = _run(wide, mlp_chunk_tokens=128)
     overhead = mp.CUDA_OVERHEAD_BYTES
     calls = [
         ("simulate_step", rank64, {}),
@@ -75,12 +76,13 @@ def cuda_results(tiny_llama_dir, tmp_path_factory):
         ("simulate_step", eight_bit, {"flops": False}),
         ("simulate_step", kept, {"seq_len": 512, "flops": False}),
         ("simulate_step", offload, {"seq_len": 512, "flops": False}),
+        ("simulate_step", tiled, {"seq_len": 512, "flops": False}),
         ("plan", base, {"gpu_memory": "24GiB", "search": False}),
         ("longest_sequence", base, {"gpu_bytes": overhead + 60 * 2**20}),
         ("longest_sequence", base, {"gpu_bytes": overhead + 400 * 2**20}),
         ("simulate_step", RunConfig(model=ModelConfig(base=str(tiny_llama_dir / "no-such-model"))), {}),
     ]
-    names = ["bf16", "fp16", "adamw_8bit", "kept", "offloaded", "plan", "longest_small", "longest_large",
+    names = ["bf16", "fp16", "adamw_8bit", "kept", "offloaded", "tiled", "plan", "longest_small", "longest_large",
              "missing"]
     return dict(zip(names, mp.run_batch(calls)))
 
@@ -139,6 +141,16 @@ def test_activation_offloading_moves_the_checkpointed_inputs_off_the_gpu(cuda_re
     layer_inputs = 2 * 2 * 512 * 1024 * 2  # layers x batch x seq x hidden x bf16
     assert kept.breakdown["forward"] - offloaded.breakdown.get("forward", 0) >= layer_inputs
     assert offloaded.peak_bytes < kept.peak_bytes
+
+
+def test_tiled_mlp_keeps_a_slice_of_the_mlp_activations_in_backward(cuda_results):
+    kept, tiled = _report(cuda_results, "kept"), _report(cuda_results, "tiled")
+    assert tiled.settings["mlp_chunk_tokens"] == 128 and tiled.peak_phase == kept.peak_phase == "backward"
+    # The recomputed layer's MLP holds gate and up outputs (batch x seq x intermediate, bf16) at least;
+    # slices of 128 of the 512 tokens keep a quarter of them.
+    mlp_outputs = 2 * (2 * 512 * 2048 * 2)
+    assert kept.breakdown["backward"] - tiled.breakdown["backward"] >= mlp_outputs * 3 / 4
+    _assert_on_gpu(tiled)
 
 
 def test_longest_sequence_is_monotone_in_memory(cuda_results):
