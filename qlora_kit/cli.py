@@ -154,10 +154,17 @@ def _switch_adapter(loaded, words: list[str]) -> None:
     if len(words) != 1:
         print(f"(usage: /use NAME; loaded: {names}; now: {loaded.active or 'base'})", file=sys.stderr)
         return
+    before = loaded.active
     try:
         loaded.use(words[0])
     except QLoRAKitError as e:
         print(f"({e})", file=sys.stderr)
+        return
+    style = loaded.format.style
+    if style != "chat":  # e.g. a run trained on Alpaca prompts: single-turn only
+        loaded.use(before)
+        print(f"({words[0]} is prompted in the '{style}' style, not through a chat template; "
+              f"ask it with `qlora-kit generate --use {words[0]}`)", file=sys.stderr)
         return
     print(f"(answering with {loaded.active or 'the base alone'})", file=sys.stderr)
 

@@ -249,3 +249,14 @@ def test_adapter_name_mistakes_are_reported_before_generating(tmp_path, adapters
     assert "two adapters are named 'a'; name them: --adapter NAME=PATH" in capsys.readouterr().err
     assert main(["eval", *both_flags]) == 2
     assert "this command takes one adapter (2 given)" in capsys.readouterr().err
+
+
+def test_chat_refuses_to_switch_to_an_adapter_prompted_without_a_chat_template(adapters, capsys):
+    from qlora_kit.cli import _switch_adapter
+    from qlora_kit.generation import PromptFormat, load_model
+
+    loaded = load_model(adapter={"a": adapters["a"], "b": adapters["b"]})
+    loaded.adapters["b"].format = PromptFormat("alpaca")  # as for a run trained on Alpaca prompts
+    _switch_adapter(loaded, ["b"])
+    assert loaded.active == "a" and active_adapter(loaded.model) == "a"
+    assert "b is prompted in the 'alpaca' style" in capsys.readouterr().err
