@@ -1,0 +1,150 @@
+"""Sequence classification (model.task=sequence_classification), checked against transformers and PEFT.
+
+Each family is a tiny random model written by transformers' own `save_pretrained`:
+decoders (GPT-2, Llama) and an encoder (BERT), saved with a classification head,
+and headless (a causal LM or a bare encoder) to check the head is initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          BitsAndBytesConfig, PreTrainedTokenizerFast)
+
+from qlora_kit import LoRAConfig, QLoRAKitError, apply_lora, load_adapter, load_base, save_adapter
+from qlora_kit.classification import ClassificationLoss, head_names
+from qlora_kit.data import collate
+from qlora_kit.lora import select_targets, trainable_parameters
+from qlora_kit.quantization import guard_cpu_gradients, is_4bit_linear
+from qlora_kit.settings import ModelConfig
+
+FAMILIES = {
+    "bert": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=256, pad_token_id=0),
+    "gpt2": dict(vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0),
+    "llama": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0),
+}
+TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}  # as in PEFT's examples
+HEAD = {"bert": "classifier", "gpt2": "score", "llama": "score"}
+LABELS = ["negative", "neutral", "positive"]
+WORDS = ["apple", "river", "stone", "cloud", "green", "paper", "music", "table", "light", "sand"]
+CUE = {"negative": "bad", "neutral": "plain", "positive": "good"}
+
+
+def task_rows(n: int, seed: int) -> list[dict]:
+    """A learnable three-class task: the class is named by one cue word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(LABELS)
+        words = rng.sample(WORDS, 3)
+        words.insert(rng.randrange(4), CUE[label])
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_tokenizer(folder) -> None:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([" ".join(WORDS + list(CUE.values()))] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                            ).save_pretrained(folder)  # no pad token: loading sets it, as for GPT-2 and Llama
+
+
+def write_model(folder, family: str, head: bool = True):
+    """`family` saved by transformers: as a 3-class classifier, or headless (causal LM / bare encoder)."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **FAMILIES[family], num_labels=len(LABELS))
+    if head:
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModel if family == "bert" else AutoModelForCausalLM
+    auto.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    made = {}
+
+    def get(family, head=True):
+        if (family, head) not in made:
+            made[family, head] = write_model(tmp_path_factory.mktemp(f"{family}-{head}"), family, head)
+        return made[family, head]
+
+    return get
+
+
+def classifier(folder, labels=LABELS):
+    return load_base(ModelConfig(base=str(folder), task="sequence_classification", labels=labels))
+
+
+BNB = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def with_pad(model, folder):
+    """Decoder configs have no pad token; users of plain transformers set the tokenizer's, as loading does."""
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = PreTrainedTokenizerFast.from_pretrained(folder).eos_token_id
+    return model
+
+
+def transformers_4bit(folder):
+    model = AutoModelForSequenceClassification.from_pretrained(folder, quantization_config=BNB, dtype=torch.bfloat16,
+                                                               device_map="cpu")
+    guard_cpu_gradients(model)
+    return with_pad(model, folder)
+
+
+def batch_of(tokenizer, rows, labels=LABELS):
+    from qlora_kit.classification import encode
+
+    examples, _ = encode(rows, labels, tokenizer, 64)
+    return collate(examples, tokenizer.pad_token_id)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loads_in_4bit_bit_identical_to_transformers_with_the_head_unquantized(family, checkpoint):
+    folder = checkpoint(family)
+    ours, tokenizer, _ = classifier(folder)
+    theirs = transformers_4bit(folder)
+    assert type(ours).__name__ == type(theirs).__name__
+    assert head_names(ours) == [HEAD[family]]
+    quantized = [name for name, m in theirs.named_modules() if is_4bit_linear(m) and not name.startswith(HEAD[family])]
+    assert quantized and all(is_4bit_linear(ours.get_submodule(n)) for n in quantized)
+    for name in quantized:
+        packed, reference = ours.get_submodule(name).weight, theirs.get_submodule(name).weight
+        assert torch.equal(packed.data, reference.data), name
+        for key, value in reference.quant_state.as_dict(packed=True).items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(packed.quant_state.as_dict(packed=True)[key], value), (name, key)
+    # The head stays in 16 bits, exactly the checkpoint's tensors (transformers quantizes BERT's; PEFT cannot train that).
+    saved = load_file(folder / "model.safetensors")
+    head = dict(ours.get_submodule(HEAD[family]).named_parameters())
+    assert head and all(torch.equal(p, saved[f"{HEAD[family]}.{n}"]) for n, p in head.items())
+    assert not any(is_4bit_linear(m) for m in ours.get_submodule(HEAD[family]).modules())
+    assert ours.config.id2label == dict(enumerate(LABELS)) and ours.config.pad_token_id == tokenizer.pad_token_id
+    if family != "bert":  # transformers keeps decoder heads in 16 bits too: the same model
+        batch = batch_of(tokenizer, task_rows(4, 0))
+        torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), atol=1e-2, rtol=0)
