@@ -328,3 +328,50 @@ def predict(model: nn.Module, examples: list[dict], pad: int, *, batch_size: int
 
 def scores(loss_sum: float, correct: int, rows: int) -> dict:
     return {"loss": round(loss_sum / max(rows, 1), 6), "accuracy": round(correct / max(rows, 1), 6)}
+
+
+def evaluate_dataset(model: nn.Module, tokenizer, data: DataConfig, *, batch_size: int = 8,
+                     held_out_seed: int | None = None, max_examples: int | None = None) -> dict:
+    """Mean loss per example and accuracy of a classifier on `data` (rows checked against its classes).
+
+    With `held_out_seed`, only the held-out split a training run with that seed
+    carved off is evaluated, as `evaluation.evaluate_dataset` does for causal LMs.
+    """
+    import time
+    from dataclasses import replace
+
+    from .evaluation import token_loss
+
+    labels = labels_of(model.config)
+    if held_out_seed is None:
+        prepared = prepare(replace(data, eval_fraction=0.0, eval_file=None), labels, tokenizer, seed=0)
+        examples = prepared.train
+    else:
+        prepared = prepare(data, labels, tokenizer, seed=held_out_seed)
+        examples = prepared.eval
+    examples = examples[:max_examples]
+    started = time.perf_counter()
+    loss_fn = ClassificationLoss(model)
+    device = next(model.parameters()).device
+    loss_sum, rows = token_loss(loss_fn, examples, prepared.pad_id, batch_size=batch_size, device=device)
+    correct = loss_fn.tally[0]
+    return {
+        **scores(loss_sum, correct, rows),
+        "correct": correct,
+        "examples": rows,
+        "labels": labels,
+        "truncated": prepared.stats["truncated"],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def checkpoint_task(folder) -> str:
+    """The task a local checkpoint was saved for: its config's architectures say ...ForSequenceClassification."""
+    import json
+    from pathlib import Path
+
+    config = Path(folder).expanduser() / "config.json"
+    if not config.is_file():
+        return "causal_lm"
+    architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    return TASK if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal_lm"

@@ -273,3 +273,17 @@ def test_we_read_a_peft_adapter_with_modules_to_save(family, checkpoint, tmp_pat
     load_adapter(quantized, tmp_path / "peft")  # and on our 4-bit base: the same head, the same LoRA
     assert torch.equal(quantized.get_submodule(HEAD[family]).weight.float(),
                        peft_model.base_model.model.get_submodule(HEAD[family]).modules_to_save["default"].weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_export_is_a_plain_transformers_classifier(family, checkpoint, trained, tmp_path):
+    from qlora_kit.export import merge
+
+    adapter, ours, *_ = trained(family)
+    result = merge(adapter, tmp_path / "merged", verify=2, dtype="float32", progress=False)
+    assert result.verification["passed"] and result.verification["metrics"]["top1_agreement"] == 1.0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert type(merged).__name__.endswith("ForSequenceClassification")
+    assert merged.config.id2label == dict(enumerate(LABELS)) and merged.config.pad_token_id is not None
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged.eval(), batch_of(tokenizer, PROBE)), ours, atol=0.05, rtol=0.01)
