@@ -209,7 +209,7 @@ def resolve_labels(model: ModelConfig, data: DataConfig) -> list[str]:
     rows = read_rows(data, data.path, data.split)
     if not rows:
         raise QLoRAKitError(f"{data.path} has no rows")
-    check_rows(rows, None, data.path)
+    check_rows(rows, list(model.labels) or None, data.path)  # given classes: unknown labels reported with the rest
     labels = list(model.labels) or label_names(rows)
     if len(labels) < 2:
         raise QLoRAKitError(f"{data.path} has only the label(s) {labels}: a classifier needs at least two classes "

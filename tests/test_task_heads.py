@@ -287,3 +287,135 @@ def test_merged_export_is_a_plain_transformers_classifier(family, checkpoint, tr
     assert merged.config.id2label == dict(enumerate(LABELS)) and merged.config.pad_token_id is not None
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(logits(merged.eval(), batch_of(tokenizer, PROBE)), ours, atol=0.05, rtol=0.01)
+
+
+# ---------------------------------------------------------------- the command line, end to end
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def classifier_recipe(folder, base, data, **train):
+    import yaml
+
+    recipe = {
+        "model": {"base": str(base), "task": "sequence_classification"},
+        "lora": {"rank": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"path": str(data), "max_seq_len": 32, "eval_fraction": 0.25},
+        "train": {"output_dir": str(folder / "run"), "max_steps": 30, "batch_size": 16, "warmup_steps": 0,
+                  "learning_rate": 2e-2, "gradient_checkpointing": False, "eval_every": 15, "save_every": 0,
+                  "sample_prompts": 2, **train},
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_run(checkpoint, tmp_path_factory):
+    """A classifier trained through `qlora-kit train` on the headless Llama (a causal LM checkpoint)."""
+    from qlora_kit.cli import main
+
+    folder = tmp_path_factory.mktemp("cli-classifier")
+    data = write_rows(folder / "rows.jsonl", task_rows(320, 3))
+    assert main(["train", str(classifier_recipe(folder, checkpoint("llama", head=False), data))]) == 0
+    return folder / "run"
+
+
+def test_train_logs_eval_accuracy_and_records_the_labels(cli_run):
+    records = [json.loads(line) for line in (cli_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 15, 30]
+    assert evals[-1]["eval_accuracy"] >= evals[0]["eval_accuracy"] + 0.3 and evals[-1]["eval_accuracy"] >= 0.8
+    summary = json.loads((cli_run / "summary.json").read_text())
+    assert summary["final_eval_accuracy"] == evals[-1]["eval_accuracy"]
+    manifest = json.loads((cli_run / "adapter" / "qlora_kit.json").read_text())
+    assert manifest["task"] == {"type": "sequence_classification", "labels": LABELS, "heads": ["score"]}
+    assert "labels:\n  - negative" in (cli_run / "config.yaml").read_text()
+
+
+def test_eval_reports_the_accuracy_transformers_and_peft_compute(cli_run, checkpoint, tmp_path, capsys):
+    from qlora_kit.cli import main
+
+    rows = task_rows(40, 11)
+    data = write_rows(tmp_path / "held.jsonl", rows)
+    assert main(["eval", str(cli_run), "--data", str(data), "--json", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert f"accuracy {result['accuracy']:.4f}" in capsys.readouterr().out
+    # The reference: PEFT's model on transformers' own 4-bit load of the same base, argmax of its logits.
+    base_folder = checkpoint("llama", head=False)
+    config = AutoConfig.from_pretrained(base_folder, num_labels=3)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_folder, config=config, quantization_config=BitsAndBytesConfig(**{**BNB.to_dict(), "llm_int8_skip_modules": ["score"]}),
+        dtype=torch.bfloat16, device_map="cpu")
+    guard_cpu_gradients(with_pad(base, base_folder))
+    reference = PeftModel.from_pretrained(base, cli_run / "adapter").eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base_folder)
+    predicted = logits(reference, batch_of(tokenizer, rows)).argmax(-1)
+    expected = sum(int(p) == LABELS.index(r["label"]) for p, r in zip(predicted, rows))
+    assert result["examples"] == len(rows) and result["correct"] == expected
+    assert result["accuracy"] == pytest.approx(expected / len(rows))
+
+
+def test_a_headless_checkpoint_gets_a_head_initialised_as_transformers_does(checkpoint, caplog):
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        model, _, _ = classifier(checkpoint("bert", head=False))
+    assert "no classification head (classifier.bias, classifier.weight)" in caplog.text
+    weight = model.classifier.weight.float()
+    std = AutoConfig.from_pretrained(checkpoint("bert", head=False)).initializer_range
+    assert weight.std().item() == pytest.approx(std, rel=0.2) and torch.all(model.classifier.bias == 0)
+    gpt2, _, _ = classifier(checkpoint("gpt2", head=False))  # the causal LM's lm_head is not used
+    assert gpt2.score.weight.shape == (3, 64) and torch.isfinite(gpt2.score.weight).all()
+
+
+def test_lora_and_head_gradients_flow_after_an_inference_forward(checkpoint):
+    """bitsandbytes' CPU kernel repacks a 4-bit weight on the first no-grad eval forward (field notes)."""
+    model, tokenizer, _ = classifier(checkpoint("llama"))
+    apply_lora(model, LoRAConfig(rank=2, target_modules=["q_proj", "v_proj"]))
+    batch = batch_of(tokenizer, task_rows(4, 5))
+    logits(model.eval(), batch)
+    loss_fn = ClassificationLoss(model).train()
+    loss_sum, _ = loss_fn(batch)
+    loss_sum.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    # B starts at zero, so A's gradient is zero at the first step; B's and the head's are not.
+    checked = [n for n in grads if "lora_B" in n or n.startswith("score")]
+    assert len(checked) == 4 + 1 and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in checked)
+
+
+def test_bad_rows_are_one_clear_error(checkpoint, tmp_path, capsys):
+    from qlora_kit.cli import main
+
+    rows = task_rows(12, 0) + [{"label": "positive"}, {"text": "apple bad", "label": "awful"},
+                               {"text": "apple good", "label": 1.5}]
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    recipe = classifier_recipe(tmp_path, checkpoint("llama"), data)
+    assert main(["train", str(recipe), "model.labels=[negative,neutral,positive]"]) == 2
+    err = capsys.readouterr().err
+    assert "3 of 15 row(s) are not usable" in err and "row 13: missing 'text'" in err
+    assert "row 14: unknown label 'awful'; known labels: negative, neutral, positive" in err
+    assert "row 15: 'label' is float" in err and "Traceback" not in err
+    with pytest.raises(QLoRAKitError, match="label id 7 is out of range: there are 3 classes"):
+        from qlora_kit.classification import check_rows
+        check_rows([{"text": "x", "label": 7}], LABELS, "rows.jsonl")
+
+
+def test_an_architecture_without_a_classifier_is_refused_naming_it(tmp_path, capsys):
+    """transformers has no ...ForSequenceClassification for some families: one message, exit 2, nothing loaded."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    from qlora_kit.cli import main
+
+    family = "codegen"
+    assert family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and family not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    config = AutoConfig.for_model(family, vocab_size=1000, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    write_tokenizer(tmp_path / "base")
+    data = write_rows(tmp_path / "rows.jsonl", task_rows(8, 0))
+    assert main(["train", str(classifier_recipe(tmp_path, tmp_path / "base", data))]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build a sequence classifier (...ForSequenceClassification) for model_type 'codegen'" in err
+    assert not (tmp_path / "run" / "adapter").exists()
