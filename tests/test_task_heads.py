@@ -419,3 +419,21 @@ def test_an_architecture_without_a_classifier_is_refused_naming_it(tmp_path, cap
     err = capsys.readouterr().err
     assert "cannot build a sequence classifier (...ForSequenceClassification) for model_type 'codegen'" in err
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_the_recipe_reads_the_packaged_spam_collection_as_the_csv_module_does():
+    """recipes/smollm2-spam.yaml's data: a tab-separated file without a header, inside an installed package."""
+    import csv
+    from pathlib import Path
+
+    from qlora_kit.classification import read_rows, resolve_labels
+    from qlora_kit.data import resolve_package_path
+    from qlora_kit.settings import load_recipe
+
+    run = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "smollm2-spam.yaml")
+    data = run.data.__class__(**{**run.data.__dict__, "max_samples": None})
+    rows = read_rows(data, data.path, data.split)
+    with open(resolve_package_path(data.path), encoding="utf-8", newline="") as f:
+        reference = [{"label": label, "text": text} for label, text in csv.reader(f, delimiter="\t")]
+    assert rows == reference and len(rows) > 4000
+    assert resolve_labels(run.model, data) == run.model.labels == ["ham", "spam"]
