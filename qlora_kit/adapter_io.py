@@ -473,6 +473,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo 
         )
     trained_on = (record.manifest.get("base") or {}).get("fingerprint")
     loaded = adapter_names(model)
+    if loaded and record.head_weights():
+        # A classifier has one head: this adapter's would silently replace the loaded one's.
+        raise QLoRAKitError(f"adapter {record.folder} brings its own classification head, and this model already "
+                            "has an adapter: a classifier holds one head, so load it on a fresh base")
     if not loaded:
         name = adapter_name or DEFAULT_ADAPTER
         apply_lora(model, cfg, targets=names, adapter_name=name)

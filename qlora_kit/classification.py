@@ -90,6 +90,23 @@ def _cast_input(module: nn.Module, args: tuple):
 # ---------------------------------------------------------------- model config
 
 
+def check_architecture(model: ModelConfig) -> None:
+    """Refuse, from the config alone (before a download), a model type transformers has no classifier for."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    from . import memory_plan
+
+    try:
+        config = memory_plan.model_config(model)
+    except Exception:  # noqa: BLE001 - an unreadable config is loading's to report
+        return
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES and not model.trust_remote_code:
+        raise QLoRAKitError(
+            f"cannot build a sequence classifier (...ForSequenceClassification) for model_type '{config.model_type}': "
+            "transformers has no such class for it. Pick a base of a family that has one (Llama, Mistral, Qwen2, "
+            "Gemma, GPT-2, GPT-NeoX, BERT, RoBERTa, ...)")
+
+
 def configure_labels(config, labels: list[str]) -> None:
     """Put the class names into a transformers config: num_labels, id2label, label2id."""
     config.num_labels = len(labels)

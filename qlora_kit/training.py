@@ -71,6 +71,7 @@ def train(run: RunConfig) -> dict:
     # Seconds, before the run folder exists and before the base loads (for an 8B model, a long download).
     _checked(lambda: check_tracker(cfg.report_to))
     if run.model.task == classification.TASK:  # the classes, from every row checked, size the head
+        _checked(lambda: classification.check_architecture(run.model))
         run, rows = _checked(lambda: classification.with_labels(run))
     else:
         rows = _checked(lambda: check_rows(run.data))

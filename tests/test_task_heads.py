@@ -437,3 +437,23 @@ def test_the_recipe_reads_the_packaged_spam_collection_as_the_csv_module_does():
         reference = [{"label": label, "text": text} for label, text in csv.reader(f, delimiter="\t")]
     assert rows == reference and len(rows) > 4000
     assert resolve_labels(run.model, data) == run.model.labels == ["ham", "spam"]
+
+
+def test_a_classifier_adapter_is_refused_where_it_cannot_go(checkpoint, trained, tmp_path):
+    """Clear errors, before any work: a causal LM base, a second head on one model, GGUF files."""
+    from qlora_kit.gguf_export import export_gguf_lora
+
+    adapter, *_ = trained("llama")
+    causal, _, _ = load_base(str(checkpoint("llama")))
+    with pytest.raises(QLoRAKitError, match="trained for sequence classification .* load the base with "
+                                            "model.task=sequence_classification"):
+        load_adapter(causal, adapter)
+    model, _, _ = classifier(checkpoint("llama"))
+    load_adapter(model, adapter)
+    with pytest.raises(QLoRAKitError, match="brings its own classification head"):
+        load_adapter(model, adapter, adapter_name="second")
+    with pytest.raises(QLoRAKitError, match="is a sequence classifier; GGUF export covers causal language models"):
+        export_gguf_lora(adapter, tmp_path / "lora.gguf")
+    other, _, _ = classifier(checkpoint("llama"), labels=["a", "b"])
+    with pytest.raises(QLoRAKitError, match=r"trained for 3 classes; load the base with the adapter's model.labels"):
+        load_adapter(other, adapter)
