@@ -131,6 +131,19 @@ def set_pad_token(model: nn.Module, tokenizer) -> None:
                  "reads each row's class at its last non-pad token", tokenizer.pad_token, tokenizer.pad_token_id)
 
 
+def other_classes(model: nn.Module, key: str, tensor: torch.Tensor, expected: dict) -> bool:
+    """Whether checkpoint tensor `key` is a head for another number of classes (then not loaded, and logged).
+
+    Fine-tuning a classifier checkpoint for new classes starts from a fresh head, as
+    transformers' `ignore_mismatched_sizes=True` does.
+    """
+    if key not in expected or not in_head(key, head_names(model)) or tuple(tensor.shape) == tuple(expected[key].shape):
+        return False
+    log.info("the checkpoint's %s is %s, the model's labels need %s: that head is not used", key,
+             tuple(tensor.shape), tuple(expected[key].shape))
+    return True
+
+
 def initialise_missing_head(model: nn.Module, missing: list[str], device) -> list[str]:
     """Initialise the head parameters a checkpoint lacks, as transformers does (`_init_weights`); logged.
 
@@ -148,8 +161,8 @@ def initialise_missing_head(model: nn.Module, missing: list[str], device) -> lis
                 with torch.no_grad():
                     module.float().apply(model._init_weights)
                 module.to(dtype)
-        log.info("the checkpoint has no classification head (%s): initialised as transformers does, "
-                 "to be trained", ", ".join(absent))
+        log.info("the checkpoint has no classification head (%s): initialised as transformers does "
+                 "(training trains it; an adapter brings its trained head)", ", ".join(absent))
     return [name for name in missing if not in_head(name, heads)]
 
 

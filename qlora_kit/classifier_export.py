@@ -106,7 +106,11 @@ def _labels_from(config, heads: dict[str, torch.Tensor]) -> list[str]:
 
 def verify(export_dir: Path, record, model_cfg, quant_cfg, *, batches: int, min_agreement: float, texts=None,
            force: bool = False) -> dict:
-    """Class logits of the merged checkpoint (plain transformers) vs the 4-bit base + adapter, both in fp32."""
+    """Class logits of the merged checkpoint (plain transformers) vs the base + adapter, both in fp32.
+
+    The base is loaded with `quant_cfg`: in 4-bit as trained (nf4 merges), or with every
+    layer skipped, i.e. its 16-bit weights (original merges).
+    """
     from transformers import AutoModelForSequenceClassification
 
     from . import quantization
@@ -130,15 +134,17 @@ def verify(export_dir: Path, record, model_cfg, quant_cfg, *, batches: int, min_
     kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
     metrics = {
         "top1_agreement": float((ref.argmax(-1) == out.argmax(-1)).float().mean()),
-        "mean_kl": float(kl.sum(-1).mean()),
+        "mean_kl": max(float(kl.sum(-1).mean()), 0.0),  # rounding can make a zero KL slightly negative
         "max_abs_logit_diff": float((ref - out).abs().max()),
         "finite": bool(torch.isfinite(out).all()),
         "rows": int(ref.shape[0]),
     }
     report = {
+        "kind": "classification",
         "passed": metrics["top1_agreement"] >= min_agreement and metrics["finite"],
         "min_agreement": float(min_agreement),
-        "reference": "4-bit base (as trained) + adapter and head, both sides computing in float32",
+        "reference": ("16-bit base" if quant_cfg.skip_modules == ["*"] else "4-bit base (as trained)")
+                     + " + adapter and head, both sides computing in float32",
         "method": "whole models: class logits of the merged classifier (plain transformers) vs the reference",
         "texts": source,
         "labels": classification.labels_of(merged.config),

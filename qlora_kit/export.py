@@ -154,6 +154,8 @@ def _verify_classifier(folder: Path, plan: MergePlan, opts) -> dict:
     from . import classifier_export
 
     quant = quantization.quant_config_from_record(plan.quant) if plan.quant else plan.record.quant_config()
+    if plan.mode == "original":  # the update went onto the 16-bit weights: the reference keeps them unquantized
+        quant = replace(quant, skip_modules=["*"])
     model = replace(plan.model, labels=plan.classifier.labels)
     report = classifier_export.verify(folder, plan.record, model, quant, batches=opts.verify,
                                       min_agreement=opts.min_agreement, texts=opts.verify_file, force=opts.force)

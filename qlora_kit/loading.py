@@ -77,6 +77,9 @@ def load_base(
     config = AutoConfig.from_pretrained(checkpoint.folder, trust_remote_code=cfg.trust_remote_code)
     if cfg.labels:
         classification.configure_labels(config, cfg.labels)
+    if cfg.task != classification.TASK and classification.checkpoint_task(checkpoint.folder) == classification.TASK:
+        raise QLoRAKitError(f"{checkpoint.source} is a sequence classifier ({', '.join(config.architectures)}), "
+                            "not a causal LM: load it with model.task=sequence_classification")
     net = build_skeleton(config, quant, cfg)
     fill_from_checkpoint(net, checkpoint, quant, device)
     net.requires_grad_(False)
@@ -197,6 +200,8 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
                 unexpected.append(name)
             continue
         if pattern is None:
+            if classification.other_classes(net, key, tensor, expected):
+                continue  # left empty: initialised below with the rest of a missing head
             _fill(net, key, tensor, expected, quant, device, f"tensor {name} in {checkpoint.folder}")
             continue
         parts = pending.setdefault(key, [])

@@ -444,7 +444,10 @@ def test_a_classifier_adapter_is_refused_where_it_cannot_go(checkpoint, trained,
     from qlora_kit.gguf_export import export_gguf_lora
 
     adapter, *_ = trained("llama")
-    causal, _, _ = load_base(str(checkpoint("llama")))
+    with pytest.raises(QLoRAKitError, match=r"is a sequence classifier \(LlamaForSequenceClassification\), not a causal "
+                                            "LM: load it with model.task=sequence_classification"):
+        load_base(str(checkpoint("llama")))
+    causal, _, _ = load_base(str(checkpoint("llama", head=False)))
     with pytest.raises(QLoRAKitError, match="trained for sequence classification .* load the base with "
                                             "model.task=sequence_classification"):
         load_adapter(causal, adapter)
@@ -454,6 +457,23 @@ def test_a_classifier_adapter_is_refused_where_it_cannot_go(checkpoint, trained,
         load_adapter(model, adapter, adapter_name="second")
     with pytest.raises(QLoRAKitError, match="is a sequence classifier; GGUF export covers causal language models"):
         export_gguf_lora(adapter, tmp_path / "lora.gguf")
-    other, _, _ = classifier(checkpoint("llama"), labels=["a", "b"])
+    other, _, _ = classifier(checkpoint("llama"), labels=["a", "b"])  # the checkpoint's 3-class head is not used
+    assert other.score.weight.shape == (2, 64)
     with pytest.raises(QLoRAKitError, match=r"trained for 3 classes; load the base with the adapter's model.labels"):
         load_adapter(other, adapter)
+
+
+def test_merge_and_eval_of_the_export_through_the_command_line(cli_run, tmp_path, capsys):
+    from qlora_kit.cli import main
+
+    assert main(["merge", str(cli_run), str(tmp_path / "merged"), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "verification: class agreement 100.00%" in out and "passed" in out
+    report = json.loads((tmp_path / "merged" / "verification.json").read_text())
+    assert report["kind"] == "classification" and "held-out rows of the run's data" in report["texts"]
+    data = write_rows(tmp_path / "held.jsonl", task_rows(40, 11))
+    assert main(["eval", "--base", str(tmp_path / "merged"), "--data", str(data), "--json", str(tmp_path / "a.json")]) == 0
+    assert main(["eval", str(cli_run), "--data", str(data), "--json", str(tmp_path / "b.json")]) == 0
+    merged, adapter = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    # The export, loaded again in 4-bit, classifies as the adapter on its base (re-quantization moves logits a little).
+    assert merged["labels"] == adapter["labels"] == LABELS and abs(merged["correct"] - adapter["correct"]) <= 2
