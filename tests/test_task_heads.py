@@ -477,3 +477,15 @@ def test_merge_and_eval_of_the_export_through_the_command_line(cli_run, tmp_path
     merged, adapter = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     # The export, loaded again in 4-bit, classifies as the adapter on its base (re-quantization moves logits a little).
     assert merged["labels"] == adapter["labels"] == LABELS and abs(merged["correct"] - adapter["correct"]) <= 2
+
+
+def test_original_mode_merge_is_verified_against_the_16bit_base(trained, tmp_path):
+    from qlora_kit.export import merge
+
+    adapter, ours, *_ = trained("llama")
+    result = merge(adapter, tmp_path / "merged", mode="original", verify=2, dtype="float32", progress=False)
+    assert result.verification["passed"] and result.verification["reference"].startswith("16-bit base")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "merged")
+    # The adapter on the original weights: close to, not equal to, what the 4-bit model computed.
+    assert torch.equal(logits(merged.eval(), batch_of(tokenizer, PROBE)).argmax(-1), ours.argmax(-1))
