@@ -2,7 +2,8 @@
 
 An adapter folder holds:
   adapter_config.json         PEFT's LoraConfig (vLLM, TGI and PEFT read it)
-  adapter_model.safetensors   keys `base_model.model.<module>.lora_{A,B}.weight`
+  adapter_model.safetensors   keys `base_model.model.<module>.lora_{A,B}.weight`; a classifier's
+                              head (PEFT's `modules_to_save`) as `base_model.model.<head>.<param>`
   qlora_kit.json              our manifest: quantization of the base, base fingerprint, versions,
                               and the size and SHA-256 of the two files above (`files`), checked on load
 
@@ -28,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, atomic, integrity, quantization
+from . import __version__, atomic, classification, integrity, quantization
 from .errors import QLoRAKitError
 from .loading import BaseInfo
 from .gguf_origin import gguf_origin
@@ -63,7 +64,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo 
     names = [name for name, _ in lora_layers(model)]
     target = Path(folder)
     with atomic.staged_folder(target, overwrite=True) as tmp:
-        tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+        state = {**lora_state_dict(model), **classification.head_state_dict(model)}
+        tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         atomic.write_json(tmp / CONFIG_FILE, peft_config(model, cfg, names, base))
         files = integrity.record_files(tmp, [WEIGHTS_FILE, CONFIG_FILE])
@@ -87,9 +89,10 @@ def find_adapter(path: str | os.PathLike) -> Path:
 
 def peft_config(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseInfo | None) -> dict:
     """PEFT's `adapter_config.json` for exactly the wrapped layers."""
+    heads = classification.head_names(model)
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": classification.PEFT_TASK_TYPE if heads else "CAUSAL_LM",
         "base_model_name_or_path": loadable_base_name(base) if base else None,
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
@@ -99,7 +102,8 @@ def peft_config(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseI
         "bias": "none",
         # PEFT marks adapters on Conv1D layers (GPT-2) so; A and B are shaped as for nn.Linear either way.
         "fan_in_fan_out": any(stores_transposed(model.get_submodule(n).base) for n in names),
-        "modules_to_save": None,
+        # A classifier's head, trained fully; PEFT saves it under its module name.
+        "modules_to_save": heads or None,
         "init_lora_weights": True,
         "inference_mode": True,
         "use_dora": cfg.use_dora,
@@ -162,6 +166,10 @@ def manifest(model: nn.Module, cfg: LoRAConfig, names: list[str], base: BaseInfo
         },
         "versions": versions(),
     }
+    if classification.is_classifier(model):
+        # PEFT's config records neither the task's classes nor their names: exports need both.
+        data["task"] = {"type": classification.TASK, "labels": classification.labels_of(model.config),
+                        "heads": classification.head_names(model)}
     if files is not None:
         data["files"] = files  # integrity records: checked before the files are read
     data.update(extra or {})
@@ -214,6 +222,13 @@ class AdapterRecord:
         Checked first against the size and SHA-256 the manifest recorded (adapters
         made by PEFT, or by qlora_kit before it recorded them, have none to check).
         """
+        return self._read()[0]
+
+    def head_weights(self) -> dict[str, torch.Tensor]:
+        """A classifier's head (PEFT's `modules_to_save`) keyed by parameter name (`score.weight`); {} if none."""
+        return self._read()[1]
+
+    def _read(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         if "files" in self.manifest:
             integrity.check_files(self.folder, self.manifest["files"], recorded_in=self.folder / MANIFEST_FILE,
                                   fix=_DAMAGED_FIX, only=[WEIGHTS_FILE])
@@ -221,7 +236,14 @@ class AdapterRecord:
             raw = load_file(self.folder / WEIGHTS_FILE)
         except SafetensorError as exc:
             raise QLoRAKitError(f"{self.folder / WEIGHTS_FILE} is corrupt ({exc})") from exc
-        return _module_keys(raw, self.folder)
+        return _module_keys(raw, self.folder, self.peft.get("modules_to_save") or [])
+
+    def task(self) -> tuple[str, list[str]]:
+        """(model.task, class names) the adapter was trained for; names empty when only the base config knows them."""
+        recorded = self.manifest.get("task") or {}
+        if recorded.get("type") == classification.TASK or self.peft.get("task_type") == classification.PEFT_TASK_TYPE:
+            return classification.TASK, list(recorded.get("labels") or [])
+        return "causal_lm", []
 
     def lora_config(self) -> LoRAConfig:
         """The adapter's shape from PEFT's config; the weights' dtype from our manifest."""
@@ -249,7 +271,11 @@ class AdapterRecord:
         trained_on = trained_on or recorded.get("source") or self.peft.get("base_model_name_or_path")
         if not (base or trained_on):
             raise QLoRAKitError(f"adapter {self.folder} does not say which base it was trained on; pass --base")
-        model = self.run.model if self.run is not None else ModelConfig()
+        if self.run is not None:
+            model = self.run.model
+        else:
+            task, labels = self.task()
+            model = ModelConfig(task=task, labels=labels)
         return replace(model, base=base or trained_on, revision=None if base else model.revision)
 
     def check_base(self, fingerprint: str, source: str, *, force: bool = False, folder: str | None = None) -> None:
@@ -316,13 +342,20 @@ def _read_json(path: Path) -> dict:
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-row magnitude, keyed as PEFT keys it
 
 
-def _module_keys(raw: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-    """Strip PEFT's prefix and adapter name: `base_model.model.x.lora_A[.default].weight` -> `x.lora_A.weight`.
+def _module_keys(raw: dict[str, torch.Tensor], folder: Path, saved_modules: list[str] = ()
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(LoRA weights, `modules_to_save` weights), PEFT's prefix and adapter name stripped.
 
-    DoRA's magnitude keeps PEFT's key without `.weight`: `x.lora_magnitude_vector`.
+    `base_model.model.x.lora_A[.default].weight` -> `x.lora_A.weight`; DoRA's
+    magnitude keeps PEFT's key without `.weight`: `x.lora_magnitude_vector`. A module
+    to save, `base_model.model.score[.modules_to_save.default].weight` -> `score.weight`.
     """
-    weights = {}
+    weights, saved = {}, {}
     for key, value in raw.items():
+        name = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key.removeprefix(PEFT_PREFIX))
+        if classification.in_head(name, list(saved_modules)):
+            saved[name] = value
+            continue
         match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
         magnitude = re.fullmatch(rf"(?:base_model\.model\.)?(.+)\.{MAGNITUDE}(?:\.[^.]+)?(?:\.weight)?", key)
         if match is not None:
@@ -331,10 +364,10 @@ def _module_keys(raw: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.
             weights[f"{magnitude.group(1)}.{MAGNITUDE}"] = value
         else:
             raise QLoRAKitError(
-                f"{folder / WEIGHTS_FILE} holds '{key}', which is not a LoRA A/B weight or DoRA magnitude; "
-                "LoRA adapters with biases or modules_to_save are not supported"
+                f"{folder / WEIGHTS_FILE} holds '{key}', which is not a LoRA A/B weight, DoRA magnitude or a "
+                "module its config lists in modules_to_save; LoRA adapters with biases are not supported"
             )
-    return weights
+    return weights, saved
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -354,8 +387,6 @@ def lora_config_from_peft(config: dict, folder: Path) -> LoRAConfig:
         problems.append("per-layer rank_pattern/alpha_pattern is not supported")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} is not supported (only 'none')")
-    if config.get("modules_to_save"):
-        problems.append(f"modules_to_save={config['modules_to_save']} is not supported")
     if problems:
         raise QLoRAKitError(f"cannot load adapter {folder}: " + "; ".join(problems))
     try:
@@ -384,6 +415,7 @@ def load_adapter_weights(model: nn.Module, folder: str | os.PathLike) -> None:
         )
     updates = {name: layer.adapters[layer.active] for name, layer in layers.items()}
     _copy_weights(updates, weights, record.folder)
+    _copy_heads(model, record)
     cfg = record.lora_config()
     for update in updates.values():
         update.set_config(replace(cfg, dtype=update.config.dtype))  # the weights keep their dtype
@@ -441,6 +473,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo 
         )
     trained_on = (record.manifest.get("base") or {}).get("fingerprint")
     loaded = adapter_names(model)
+    if loaded and record.head_weights():
+        # A classifier has one head: this adapter's would silently replace the loaded one's.
+        raise QLoRAKitError(f"adapter {record.folder} brings its own classification head, and this model already "
+                            "has an adapter: a classifier holds one head, so load it on a fresh base")
     if not loaded:
         name = adapter_name or DEFAULT_ADAPTER
         apply_lora(model, cfg, targets=names, adapter_name=name)
@@ -452,9 +488,37 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, base: BaseInfo 
         _check_same_base(model, record.folder, trained_on, force=not strict_base)
         updates = add_adapter(model, adapter_name, cfg, names)
     _copy_weights(updates, weights, record.folder)
+    _copy_heads(model, record)
     for update in updates.values():
         update.trained_on = trained_on
     return model
+
+
+def _copy_heads(model: nn.Module, record: AdapterRecord) -> None:
+    """Load a classifier's trained head (`modules_to_save`) into the model's head, checked against it."""
+    saved = record.head_weights()
+    if not saved:
+        if record.task()[0] == classification.TASK:
+            raise QLoRAKitError(f"adapter {record.folder} is a sequence-classification adapter without its head "
+                                "(modules_to_save): it cannot classify; train it again")
+        return
+    if not classification.is_classifier(model):
+        raise QLoRAKitError(
+            f"adapter {record.folder} was trained for sequence classification (it holds the head "
+            f"{', '.join(sorted(saved))}), but the model is a {type(model).__name__}: load the base with "
+            "model.task=sequence_classification")
+    params = classification.head_state_dict(model)
+    if set(saved) != set(params):
+        raise QLoRAKitError(f"adapter {record.folder} holds head parameters {sorted(saved)}, the model's head has "
+                            f"{sorted(params)}: it was trained on another architecture")
+    for name, value in saved.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise QLoRAKitError(
+                f"adapter {record.folder}: {name} has shape {tuple(value.shape)}, the model's head needs "
+                f"{tuple(params[name].shape)}: the adapter was trained for {value.shape[0]} classes; load the base "
+                "with the adapter's model.labels")
+        with torch.no_grad():
+            params[name].copy_(value)
 
 
 def _check_same_base(model: nn.Module, folder: Path, trained_on: str | None, *, force: bool) -> None:

@@ -170,7 +170,7 @@ def _switch_adapter(loaded, words: list[str]) -> None:
 
 
 def cmd_eval(opts: EvalOptions) -> int:
-    """Loss and perplexity on a file, or on a run's held-out split."""
+    """Loss and perplexity on a file, or on a run's held-out split (loss and accuracy for a classifier)."""
     from .evaluation import evaluate_dataset
     from .settings import DataConfig
 
@@ -190,8 +190,12 @@ def cmd_eval(opts: EvalOptions) -> int:
     what = "held-out split of the run" if held_out_seed is not None else data.path
     result = {"data": what, "base": loaded.base.source,
               "adapter": str(loaded.adapter_dir) if loaded.adapter_dir else None, **result}
-    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
-          f"({result['examples']} examples, {result['supervised_tokens']} supervised tokens)")
+    if "accuracy" in result:  # a sequence classifier
+        print(f"loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  "
+              f"({result['correct']} of {result['examples']} examples right)")
+    else:
+        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+              f"({result['examples']} examples, {result['supervised_tokens']} supervised tokens)")
     if opts.json:
         from .atomic import write_json
 

@@ -93,8 +93,11 @@ def resolve_package_path(path: str) -> str:
     return str(Path(spec.submodule_search_locations[0]) / inner)
 
 
-def load_rows(path: str, split: str = "train") -> list[dict]:
-    """Rows of a local file (or `pkg://` file) or a Hub dataset, as plain dicts in file order."""
+def load_rows(path: str, split: str = "train", csv_options: dict | None = None) -> list[dict]:
+    """Rows of a local file (or `pkg://` file) or a Hub dataset, as plain dicts in file order.
+
+    `csv_options` go to the CSV reader (`csv_reader_options` of a `DataConfig`).
+    """
     import datasets
 
     path = resolve_package_path(path)
@@ -111,7 +114,8 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
         if file.suffix.lower() == ".jsonl":
             return read_jsonl(file)
         try:
-            ds = datasets.load_dataset(builder, data_files=str(file), split="train")
+            options = (csv_options or {}) if builder == "csv" else {}
+            ds = datasets.load_dataset(builder, data_files=str(file), split="train", **options)
         except Exception as e:  # a parse error in the user's file
             raise QLoRAKitError(f"could not read {path} as {builder}: {e or type(e).__name__}") from e
     else:
@@ -153,6 +157,14 @@ def read_jsonl(file: Path) -> list[dict]:
     if not rows:
         raise QLoRAKitError(f"{file} holds no rows; a .jsonl file has one JSON object per line")
     return rows
+
+
+def csv_reader_options(cfg: DataConfig) -> dict:
+    """The CSV reader's options a data config asks for: separator and, for a file without a header, column names."""
+    options = {"sep": cfg.csv_delimiter}
+    if cfg.csv_columns:
+        options["column_names"] = list(cfg.csv_columns)
+    return options
 
 
 def _is_local(path: str) -> bool:
@@ -492,7 +504,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     if problems:
         raise QLoRAKitError("bad data config:\n  " + "\n  ".join(problems))
     renderer = Renderer(cfg, tokenizer)
-    rows = load_rows(cfg.path, cfg.split)
+    rows = load_rows(cfg.path, cfg.split, csv_reader_options(cfg))
     if cfg.max_samples is not None:
         rows = rows[: cfg.max_samples]
     if not rows:
@@ -502,7 +514,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
 
     if cfg.eval_file:
         train_idx, eval_idx = list(range(len(encoded.examples))), []
-        held = encode_rows(load_rows(cfg.eval_file), renderer, cfg.eval_file)
+        held = encode_rows(load_rows(cfg.eval_file, csv_options=csv_reader_options(cfg)), renderer, cfg.eval_file)
         truncated += held.truncated
     else:
         train_idx, eval_idx = split_indices(len(encoded.examples), cfg.eval_fraction, seed)

@@ -36,8 +36,14 @@ def evaluate_dataset(model, tokenizer, data: DataConfig, *, batch_size: int = 8,
     carved off (`data.eval_fraction` or `data.eval_file`) is evaluated, carved
     exactly as training carved it. `max_examples` then caps the examples
     evaluated: it never shrinks the rows a split is carved from, which would let
-    training rows into the held-out set.
+    training rows into the held-out set. A sequence classifier is scored by
+    `classification.evaluate_dataset` instead: loss per example and accuracy.
     """
+    from . import classification
+
+    if classification.is_classifier(model):
+        return classification.evaluate_dataset(model, tokenizer, data, batch_size=batch_size,
+                                               held_out_seed=held_out_seed, max_examples=max_examples)
     if held_out_seed is None:
         prepared = prepare_data(replace(data, eval_fraction=0.0, eval_file=None, packing=False), tokenizer, seed=0)
         examples = prepared.train

@@ -24,13 +24,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import memory, quantization
+from .classification import TASK as CLASSIFICATION
 from .adapter_io import MAGNITUDE, AdapterRecord, split_key
 from .atomic import staged_folder
 from .checkpoint import EXPORT_MANIFEST, INDEX_FILE, Checkpoint, resolve
@@ -79,6 +80,9 @@ class MergePlan:
     transposed: set[str]  # weight names stored (in, out), as transformers' Conv1D holds them
     skip: set[str]  # tensors not written (lm_head of a tied model)
     manifest: dict | None
+    classifier: object | None = None  # classifier_export.ClassifierMerge for a sequence-classification adapter
+    record: AdapterRecord | None = None
+    model: ModelConfig | None = None
 
 
 def merge(adapter: str | os.PathLike, out_dir: str | os.PathLike, *, progress: bool = True,
@@ -103,7 +107,9 @@ def merge(adapter: str | os.PathLike, out_dir: str | os.PathLike, *, progress: b
         files, tensors, nbytes = _write_merged(plan, tmp, torch_dtype(opts.dtype), max_bytes, progress)
         _write_export_manifest(tmp, plan, opts.dtype)
         report = None
-        if opts.verify > 0:
+        if opts.verify > 0 and plan.classifier is not None:
+            report = _verify_classifier(tmp, plan, opts)
+        elif opts.verify > 0:
             from . import verify  # imports transformers' model classes; only needed here
 
             report = verify.verify_export(
@@ -143,6 +149,25 @@ def merge(adapter: str | os.PathLike, out_dir: str | os.PathLike, *, progress: b
     )
 
 
+def _verify_classifier(folder: Path, plan: MergePlan, opts) -> dict:
+    """Whole-model verification of class logits (the streaming verifier compares LM logits only)."""
+    from . import classifier_export
+
+    quant = quantization.quant_config_from_record(plan.quant) if plan.quant else plan.record.quant_config()
+    if plan.mode == "original":  # the update went onto the 16-bit weights: the reference keeps them unquantized
+        quant = replace(quant, skip_modules=["*"])
+    model = replace(plan.model, labels=plan.classifier.labels)
+    report = classifier_export.verify(folder, plan.record, model, quant, batches=opts.verify,
+                                      min_agreement=opts.min_agreement, texts=opts.verify_file, force=opts.force)
+    classifier_export.write_report(folder, report)
+    if not report["passed"]:
+        raise QLoRAKitError(
+            f"verification failed, export not written: {classifier_export.summary(report)}. The merged classifier "
+            "does not reproduce the adapter on its base; check the base, mode and adapter "
+            "(or lower --min-agreement / pass --verify 0 if you accept it)")
+    return report
+
+
 def plan_merge(record: AdapterRecord, *, base: str | None, mode: str, force: bool) -> MergePlan:
     """Read the adapter, find and check its base; raise before writing anything if they do not fit."""
     checkpoint = resolve(record.base_model(base).base)
@@ -157,11 +182,20 @@ def plan_merge(record: AdapterRecord, *, base: str | None, mode: str, force: boo
     _check_shapes(adapters, shapes, record.folder, checkpoint, transposed)
     config = _read_config(checkpoint.folder)
     tied = bool(config.get("tie_word_embeddings", False))
+    model = record.base_model(base)
+    classifier = None
+    if model.task == CLASSIFICATION:
+        from . import classifier_export
+
+        classifier = classifier_export.plan(record, checkpoint, model,
+                                            quantization.quant_config_from_record(quant) if quant else record.quant_config())
     return MergePlan(
         adapter_dir=record.folder, checkpoint=checkpoint, mode=mode, scaling=record.lora_config().scaling,
         adapters=adapters, quant=quant, quantized=quantized if mode == "nf4" else set(), transposed=transposed,
-        skip={"lm_head.weight"} if tied else set(), manifest=record.manifest or None,
+        skip={"lm_head.weight"} if tied and classifier is None else set(), manifest=record.manifest or None,
+        classifier=classifier, record=record, model=model,
     )
+
 
 
 def _pair_weights(weights: dict[str, torch.Tensor], adapter_dir: Path) -> dict[str, tuple]:
@@ -238,13 +272,23 @@ def _write_merged(plan: MergePlan, folder: Path, out_dtype: torch.dtype, max_byt
             if name in plan.skip:
                 continue
             module = name.removesuffix(".weight") if name.endswith(".weight") else None
-            writer.add(name, merged_tensor(name, tensor, plan, compute_dtype, out_dtype, module))
+            # A classifier writes its base under the classifier's names and drops other heads.
+            out_name = plan.classifier.output_name(name) if plan.classifier is not None else name
+            if out_name is None:
+                continue
+            writer.add(out_name, merged_tensor(name, tensor, plan, compute_dtype, out_dtype, module))
             pending.discard(module)
             count += 1
     if pending:  # cannot happen after _check_shapes, unless the shards changed under us
         raise QLoRAKitError(f"base {plan.checkpoint.folder} changed during the merge: {sorted(pending)[:3]} not found")
+    if plan.classifier is not None:  # the trained head (modules_to_save), rounded once to the output dtype
+        for name, value in plan.classifier.heads.items():
+            writer.add(name, value.to(out_dtype))
+            count += 1
     files = writer.finish()
     write_config(plan.checkpoint.folder, folder, out_dtype)
+    if plan.classifier is not None:
+        plan.classifier.update_config(folder)
     side = copy_side_files(plan.checkpoint.folder, folder)
     for name in TOKENIZER_FILES:
         if (plan.adapter_dir / name).is_file():

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from .adapter_io import AdapterRecord, load_adapter
+from .classification import checkpoint_task
 from .data import ALPACA_PROMPT, Renderer, pad_id, read_jsonl
 from .errors import QLoRAKitError
 from .loading import BaseInfo, load_base
@@ -241,7 +242,8 @@ def load_model(
     if first is not None:
         model_cfg, quant = first.base_model(base), first.quant_config()
     elif base:
-        model_cfg, quant = ModelConfig(base=base), QuantConfig()
+        # A merged classifier loads as one: its config names a ...ForSequenceClassification.
+        model_cfg, quant = ModelConfig(base=base, task=checkpoint_task(base)), QuantConfig()
     else:
         raise QLoRAKitError("name a base model with --base (a local folder, Hub id, .gguf file or "
                             "'smollm2-135m-instruct'), or give an adapter / run folder")

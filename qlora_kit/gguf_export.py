@@ -47,6 +47,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .classification import TASK as CLASSIFICATION, checkpoint_task
 from .errors import QLoRAKitError
 
 log = logging.getLogger(__name__)
@@ -427,6 +428,14 @@ def _type_counts(jobs: list[TensorJob]) -> dict[str, int]:
 # --------------------------------------------------------------------------- model export
 
 
+def _refuse_classifier(task: str, what) -> None:
+    """GGUF holds language models here: llama.cpp's model files have no sequence-classification head."""
+    if task == CLASSIFICATION:
+        raise QLoRAKitError(f"{what} is a sequence classifier; GGUF export covers causal language models "
+                            "(llama.cpp has no classification head to load it into). Use the merged "
+                            "safetensors checkpoint (qlora-kit merge) instead")
+
+
 def export_gguf(source: str | os.PathLike, out_file: str | os.PathLike, *, type: str = "f16",  # noqa: A002
                 overwrite: bool = False, verify: bool = True, progress: bool = True,
                 verify_batches: int = VERIFY_BATCHES, min_agreement: float | None = None,
@@ -447,6 +456,7 @@ def export_gguf(source: str | os.PathLike, out_file: str | os.PathLike, *, type:
     _check_type(type, TYPES)
     out = Path(out_file)
     checkpoint = resolve(source)
+    _refuse_classifier(checkpoint_task(checkpoint.folder), checkpoint.folder)
     hyper = read_hyper(checkpoint.folder)
     notes = _model_notes(hyper)
     jobs = plan_model(checkpoint, hyper, type)
@@ -599,6 +609,7 @@ def export_gguf_lora(adapter_dir: str | os.PathLike, out_file: str | os.PathLike
     _check_type(type, LORA_TYPES)
     out = Path(out_file)
     record = AdapterRecord.read(adapter_dir)
+    _refuse_classifier(record.task()[0], record.folder)
     folder, lora = record.folder, record.lora_config()
     if lora.use_dora:
         raise QLoRAKitError(f"adapter {folder} is a DoRA adapter, which llama.cpp's LoRA files cannot express; "

@@ -19,9 +19,10 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel)
 
-from . import layers, memory, quantization
+from . import classification, layers, memory, quantization
 from .checkpoint import Checkpoint, resolve
 from .errors import QLoRAKitError
 from .lora import matches
@@ -61,6 +62,9 @@ def load_base(
     """Load a causal LM with its linear layers in 4-bit, its tokenizer, and a record of where it came from.
 
     `model` is a `ModelConfig` or just the base's name. Every parameter is frozen.
+    With `task='sequence_classification'` it is the family's `...ForSequenceClassification`
+    with `labels` as its classes, the head in compute dtype (initialised, and logged,
+    when the checkpoint has none).
     Pass the returned `BaseInfo` to `save_adapter` / `load_adapter`, which record
     and check it.
     """
@@ -71,11 +75,19 @@ def load_base(
         raise QLoRAKitError(f"model.device is '{cfg.device}' but no CUDA GPU is available; leave it unset for CPU")
     checkpoint = resolve(cfg.base, revision=cfg.revision)
     config = AutoConfig.from_pretrained(checkpoint.folder, trust_remote_code=cfg.trust_remote_code)
+    if cfg.labels:
+        classification.configure_labels(config, cfg.labels)
+    if cfg.task != classification.TASK and classification.checkpoint_task(checkpoint.folder) == classification.TASK:
+        raise QLoRAKitError(f"{checkpoint.source} is a sequence classifier ({', '.join(config.architectures)}), "
+                            "not a causal LM: load it with model.task=sequence_classification")
     net = build_skeleton(config, quant, cfg)
     fill_from_checkpoint(net, checkpoint, quant, device)
     net.requires_grad_(False)
     net.eval()  # as from_pretrained returns it; training code switches to train mode itself
     quantization.guard_cpu_gradients(net)
+    tokenizer = load_tokenizer(checkpoint, cfg.trust_remote_code)
+    if cfg.task == classification.TASK:
+        classification.set_pad_token(net, tokenizer)
     info = BaseInfo(
         source=checkpoint.source,
         folder=str(checkpoint.folder),
@@ -83,7 +95,7 @@ def load_base(
         model_type=config.model_type,
         quant=quantization.quant_record(quant),
     )
-    return LoadedBase(net, load_tokenizer(checkpoint, cfg.trust_remote_code), info)
+    return LoadedBase(net, tokenizer, info)
 
 
 def load_tokenizer(checkpoint: Checkpoint, trust_remote_code: bool = False):
@@ -98,19 +110,27 @@ def build_skeleton(config, quant: QuantConfig, cfg: ModelConfig = ModelConfig())
     """The model on the meta device, target linears replaced by empty `Linear4bit`s.
 
     Buffers (e.g. rotary frequencies) are created for real, since they are computed
-    from the config rather than read from the checkpoint.
+    from the config rather than read from the checkpoint. A classifier's head stays
+    unquantized: it is trained fully.
     """
+    classifier = cfg.task == classification.TASK
+    auto = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
         try:
-            net = AutoModelForCausalLM.from_config(
+            net = auto.from_config(
                 config,
                 dtype=torch_dtype(quant.compute_dtype),
                 attn_implementation=attention_for(config, cfg.attn_implementation),
                 trust_remote_code=cfg.trust_remote_code,
             )
         except ValueError as exc:
-            raise QLoRAKitError(f"cannot build a causal LM for model_type '{config.model_type}': {exc}") from exc
+            what = "sequence classifier (...ForSequenceClassification)" if classifier else "causal LM"
+            raise QLoRAKitError(f"cannot build a {what} for model_type '{config.model_type}': transformers has no "
+                                f"such class for it ({str(exc).splitlines()[0]})") from exc
+    heads = classification.head_names(net)
     for name, module in list(net.named_modules()):
+        if classification.in_head(name, heads):
+            continue
         if layers.is_linear(module) and not any(matches(name, p) for p in quant.skip_modules):
             _set_submodule(net, name, quantization.empty_linear4bit(module, quant))
     return net
@@ -159,6 +179,11 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
     parts_of = keys.fused_parts(checkpoint.tensor_names())
     pending: dict[str, list] = {}
     ignorable = list(getattr(net, "_keys_to_ignore_on_load_unexpected", None) or [])
+    # A classifier built from a causal LM or a pretraining checkpoint: that checkpoint's own
+    # head (lm_head, cls.predictions) lies outside the base model and is not used, as in transformers.
+    other_head = (lambda key: not key.startswith(net.base_model_prefix + ".")) if classification.is_classifier(net) \
+        else (lambda key: False)
+    ignored = []
     unexpected = []
     freed = memory.FreedMemory()
     total = sum(shard.stat().st_size for shard in checkpoint.shards)
@@ -169,10 +194,14 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
         bar.update(tensor.numel() * tensor.element_size())
         key, pattern = keys.target(name)
         if key not in expected:
-            if not any(re.search(p, name) for p in ignorable):
+            if other_head(key):
+                ignored.append(name)
+            elif not any(re.search(p, name) for p in ignorable):
                 unexpected.append(name)
             continue
         if pattern is None:
+            if classification.other_classes(net, key, tensor, expected):
+                continue  # left empty: initialised below with the rest of a missing head
             _fill(net, key, tensor, expected, quant, device, f"tensor {name} in {checkpoint.folder}")
             continue
         parts = pending.setdefault(key, [])
@@ -187,9 +216,12 @@ def fill_from_checkpoint(net: PreTrainedModel, checkpoint: Checkpoint, quant: Qu
             f"{checkpoint.folder} holds {len(unexpected)} tensor(s) this model does not have, e.g. "
             f"{', '.join(unexpected[:3])}: the checkpoint's layout does not match its config.json"
         )
+    if ignored:
+        log.info("not used by %s: %s (the checkpoint's own head)", type(net).__name__, ", ".join(ignored[:4]))
     memory.release()
     net.tie_weights()
     missing = [name for name, p in net.named_parameters() if p.device.type == "meta"]
+    missing = classification.initialise_missing_head(net, missing, device)
     if missing:
         raise QLoRAKitError(
             f"{checkpoint.folder} is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}: "
@@ -293,6 +325,8 @@ class WeightLayout:
 def weight_layout(checkpoint: Checkpoint, quant: QuantConfig, cfg: ModelConfig = ModelConfig()) -> WeightLayout:
     """The `WeightLayout` of `checkpoint` loaded with `quant` and the model settings `cfg`, from a meta skeleton."""
     config = AutoConfig.from_pretrained(checkpoint.folder, trust_remote_code=cfg.trust_remote_code)
+    if cfg.labels:
+        classification.configure_labels(config, cfg.labels)
     skeleton = build_skeleton(config, quant, cfg)
     modules = dict(skeleton.named_modules())
     return WeightLayout(

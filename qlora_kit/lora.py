@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import layers, quantization
+from . import classification, layers, quantization
 from .config import from_dict, to_dict
 from .errors import QLoRAKitError
 from .settings import ALL_LINEAR, LoRAConfig
@@ -209,10 +209,16 @@ is_linear = layers.is_linear  # nn.Linear (Linear4bit included) or transformers'
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Full names of the linear layers LoRA may wrap: every linear except the output head."""
+    """Full names of the linear layers LoRA may wrap: every linear except the output head.
+
+    A classifier's head (`score`, `classifier`) is trained fully instead, as PEFT's
+    `modules_to_save` does, so LoRA never wraps it, not even under 'all-linear'.
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inside_lora = {id(m) for layer in model.modules() if isinstance(layer, LoRALinear) for m in layer.modules()}
-    return [name for name, m in model.named_modules() if is_linear(m) and m is not head and id(m) not in inside_lora]
+    heads = classification.head_names(model)
+    return [name for name, m in model.named_modules() if is_linear(m) and m is not head
+            and id(m) not in inside_lora and not classification.in_head(name, heads)]
 
 
 def select_targets(model: nn.Module, patterns: list[str]) -> list[str]:
@@ -276,6 +282,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, targets: list[st
     model.requires_grad_(False)
     for name in names:
         _wrap(model, name, cfg, adapter_name)
+    classification.make_heads_trainable(model, adapter_dtype(cfg))  # a classifier's head: modules_to_save
     _AdapterRouter.install(model)
     return model
 

@@ -184,6 +184,8 @@ def write_run_readme(folder: Path, run, summary: dict) -> None:
         f"| steps | {summary['steps']} |",
         f"| supervised tokens | {summary['supervised_tokens']:,} |",
         f"| eval loss (start -> end) | {summary['first_eval_loss']} -> {summary['final_eval_loss']} |",
+        *([f"| eval accuracy (start -> end) | {summary['first_eval_accuracy']} -> {summary['final_eval_accuracy']} |"]
+          if "final_eval_accuracy" in summary else []),
         f"| tokens/s | {summary['tokens_per_s']} |",
         f"| peak memory (MB) | {summary['peak_memory_mb']} |",
         "",

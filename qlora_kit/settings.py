@@ -36,6 +36,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # run modelling code shipped with the checkpoint (only for sources you trust)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # attention kernel
     device: Optional[str] = None  # 'cuda', 'cuda:1', 'cpu'; default: CUDA when present, else CPU
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"  # causal_lm: next-token loss; sequence_classification: a ...ForSequenceClassification with its head trained fully beside the adapters (rows {text, label})
+    labels: list[str] = field(default_factory=list)  # sequence_classification: class names in id order (become id2label); empty: the sorted labels of the training data
 
 
 @dataclass
@@ -77,7 +79,7 @@ class DataConfig:
     """Where the training data comes from and how rows become token sequences."""
 
     path: str = ""  # a .jsonl/.json/.csv/.parquet file, or a Hub dataset name such as "tatsu-lab/alpaca"
-    format: Literal["instruction", "chat", "text"] = "instruction"  # instruction: instruction/input/output; chat: messages (or ShareGPT conversations); text: text
+    format: Literal["instruction", "chat", "text"] = "instruction"  # instruction: instruction/input/output; chat: messages (or ShareGPT conversations); text: text (model.task=sequence_classification reads text and label instead)
     split: str = "train"  # which split of a Hub dataset to read (local files are read whole)
     eval_file: Optional[str] = None  # a held-out file in the same format; when set, eval_fraction is ignored
     eval_fraction: float = bounded(0.05, ge=0, lt=1)  # share of rows carved off (seeded) as the held-out set when there is no eval_file; 0 for none
@@ -87,6 +89,8 @@ class DataConfig:
     prompt_style: Literal["auto", "chat_template", "alpaca"] = "auto"  # instruction rows: auto = tokenizer's chat template if it has one, else the Alpaca prompt
     chat_template: Optional[str] = None  # override or supply a chat template: "chatml" or a Jinja string; None = the tokenizer's own
     max_samples: Optional[int] = bounded(None, ge=1)  # use only the first N rows of the file (quick runs)
+    csv_delimiter: str = ","  # .csv files: the column separator ("\t" for tab-separated files)
+    csv_columns: list[str] = field(default_factory=list)  # .csv files without a header row: their column names in order (e.g. [label, text])
 
     def problems(self) -> list[str]:
         if not self.path:
@@ -195,7 +199,7 @@ class GenerateOptions(ChatOptions):
 
 @dataclass(kw_only=True)
 class EvalOptions(ModelSourceOptions):
-    """`qlora-kit eval`: loss and perplexity of a base, or base + adapter, on a dataset."""
+    """`qlora-kit eval`: loss and perplexity of a base, or base + adapter, on a dataset (loss and accuracy for a classifier)."""
 
     data: Optional[str] = None  # a .jsonl/.json/.csv/.parquet file, pkg:// path or Hub dataset (default with a run folder: the run's held-out split)
     format: Optional[Literal["instruction", "chat", "text"]] = None  # row format (default: the run's, else instruction)

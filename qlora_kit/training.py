@@ -30,7 +30,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from . import atomic, memory, quantization
+from . import atomic, classification, memory, quantization
 from .adapter_io import RUN_ADAPTER_DIR, save_adapter, versions
 from .config import save_config, to_dict
 from .data import (IGNORE_INDEX, PreparedData, batch_indices, check_rows, collate, count_supervised_tokens,
@@ -71,7 +71,11 @@ def train(run: RunConfig) -> dict:
     cfg = run.train
     # Seconds, before the run folder exists and before the base loads (for an 8B model, a long download).
     _checked(lambda: check_tracker(cfg.report_to))
-    rows = _checked(lambda: check_rows(run.data))
+    if run.model.task == classification.TASK:  # the classes, from every row checked, size the head
+        _checked(lambda: classification.check_architecture(run.model))
+        run, rows = _checked(lambda: classification.with_labels(run))
+    else:
+        rows = _checked(lambda: check_rows(run.data))
     _checked(lambda: check_cpu_model_size(run))
     out = Path(cfg.output_dir)
     accelerator = _checked(lambda: make_accelerator(cfg, out))
@@ -134,7 +138,9 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
     load_device = "cpu" if fsdp else str(accelerator.device)
     model, tokenizer, base = load_base(replace(run.model, device=load_device), run.quant)
     _checked(lambda: select_targets(model, run.lora.target_modules))  # layers LoRA can wrap, before the data
-    data = prepare_data(run.data, tokenizer, seed=cfg.seed)
+    classifier = run.model.task == classification.TASK
+    data = (classification.prepare(run.data, run.model.labels, tokenizer, cfg.seed) if classifier
+            else prepare_data(run.data, tokenizer, seed=cfg.seed))
     _checked(lambda: _check_processes(data, world))
     _log_data(data)
     set_seed(cfg.seed)  # adapter init does not depend on how much randomness loading used
@@ -160,7 +166,7 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
         load_adapter_state(resume_from, model)  # into the whole weights, before FSDP shards them
     optimizer = make_optimizer(cfg, trainable_parameters(model), accelerator.device, sharded=fsdp)
     scheduler = make_scheduler(cfg, optimizer, total_steps)
-    loss_fn = SupervisedLoss(model, cfg.loss_chunk_tokens)
+    loss_fn = classification.ClassificationLoss(model) if classifier else SupervisedLoss(model, cfg.loss_chunk_tokens)
     if fsdp:
         _fsdp_units(accelerator, model)
     # The scheduler stays out of `prepare`: Accelerate's wrapper steps it once per process,
@@ -189,7 +195,7 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
         start = {"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], **eval_fn()}
         metrics.write(start)
         if "eval_loss" in start:
-            log.info("step 0: eval loss %.4f, perplexity %.2f", start["eval_loss"], start["eval_ppl"])
+            log.info("step 0: %s", _eval_message(start))
         if accelerator.trackers:  # the step-0 evaluation is the baseline of every curve
             accelerator.log({k: v for k, v in start.items() if isinstance(v, (int, float))}, step=0)
 
@@ -223,7 +229,7 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
         if cfg.eval_every and state.step % cfg.eval_every == 0 or state.step == total_steps:
             record.update(eval_fn())
             if "eval_loss" in record:
-                log.info("step %d: eval loss %.4f, perplexity %.2f", state.step, record["eval_loss"], record["eval_ppl"])
+                log.info("step %d: %s", state.step, _eval_message(record))
         if state.step % cfg.log_every == 0 or "eval_loss" in record:
             elapsed = time.perf_counter() - window_start
             record["tokens_per_s"] = round(window_tokens / elapsed, 1) if elapsed > 0 else None
@@ -617,8 +623,16 @@ def _clip(accelerator, module, max_norm: float) -> float | None:
     return round(float(norm), 6)
 
 
+def _eval_message(record: dict) -> str:
+    if "eval_accuracy" in record:
+        return f"eval loss {record['eval_loss']:.4f}, accuracy {record['eval_accuracy']:.4f}"
+    return f"eval loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}"
+
+
 def evaluate(loss_fn, data: PreparedData, cfg: TrainConfig, accelerator) -> dict:
     """Token-weighted mean loss and perplexity on the held-out set (empty dict if there is none).
+
+    A classifier's loss is per example (one target each), and its accuracy is added.
 
     Under several processes each evaluates its share of the batches and the sums are
     added up: the same numbers as one process, in 1/N of the time.
@@ -628,12 +642,20 @@ def evaluate(loss_fn, data: PreparedData, cfg: TrainConfig, accelerator) -> dict
     examples = data.eval if cfg.eval_batches is None else data.eval[: cfg.eval_batches * cfg.batch_size]
     world = accelerator.num_processes
     mine = _eval_share(examples, cfg.batch_size, world, accelerator.process_index)
+    tally = getattr(accelerator.unwrap_model(loss_fn), "tally", None)  # a classifier's (correct, rows)
+    if tally is not None:
+        tally[:] = [0, 0]
     total, count = token_loss(loss_fn, mine, data.pad_id, batch_size=cfg.batch_size, device=accelerator.device)
+    correct = tally[0] if tally is not None else 0
     if world > 1:
-        sums = accelerator.reduce(torch.tensor([total, count], dtype=torch.float64, device=accelerator.device), "sum")
-        total, count = float(sums[0]), int(sums[1])
+        sums = accelerator.reduce(torch.tensor([total, count, correct], dtype=torch.float64,
+                                               device=accelerator.device), "sum")
+        total, count, correct = float(sums[0]), int(sums[1]), int(sums[2])
     loss = total / max(count, 1)
-    return {"eval_loss": round(loss, 6), "eval_ppl": round(perplexity(loss), 4)}
+    result = {"eval_loss": round(loss, 6), "eval_ppl": round(perplexity(loss), 4)}
+    if tally is not None:
+        result["eval_accuracy"] = round(correct / max(count, 1), 6)
+    return result
 
 
 def _eval_share(examples: list[dict], batch_size: int, world: int, rank: int) -> list[dict]:
@@ -745,6 +767,8 @@ def _finish(run, out, model, base, data, state, metrics, before, accelerator, co
         "first_eval_loss": evals[0]["eval_loss"] if evals else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "final_eval_ppl": evals[-1]["eval_ppl"] if evals else None,
+        **({"first_eval_accuracy": evals[0]["eval_accuracy"], "final_eval_accuracy": evals[-1]["eval_accuracy"]}
+           if evals and "eval_accuracy" in evals[0] else {}),
         "final_train_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
         "peak_memory_mb": _peak_memory_mb(accelerator.device),
         "parameters": counts,

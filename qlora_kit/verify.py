@@ -1051,6 +1051,10 @@ def _strings(value) -> list[str]:
 
 
 def summary(report: dict) -> str:
+    if report.get("kind") == "classification":  # a classifier's report compares class logits
+        from .classifier_export import summary as classifier_summary
+
+        return classifier_summary(report)
     m = report["metrics"]
     text = (
         f"top-1 agreement {m['top1_agreement']:.2%} (min {report['min_agreement']:.2%}), "

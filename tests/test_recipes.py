@@ -26,6 +26,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # Every layer has 7 linears (q, k, v, o, gate, up, down); lm_head stays in 16 bits.
 MODELS = {
     "quickstart.yaml": (None, 30, 134_515_008),
+    "smollm2-spam.yaml": (None, 30, 134_515_008),  # the same base, built as a classifier (head unquantized)
     "llama-3.1-8b-alpaca.yaml": ("llama-3.1-8b-instruct.json", 32, 8_030_261_248),
     "mistral-7b-chat.yaml": ("mistral-7b-instruct-v0.3.json", 32, 7_248_023_552),
     "qwen2.5-7b-chat.yaml": ("qwen2.5-7b-instruct.json", 28, 7_615_616_512),
