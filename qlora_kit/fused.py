@@ -44,41 +44,43 @@ def applies(base: nn.Module, update: nn.Module) -> bool:
 
 def lora_linear_4bit(x: torch.Tensor, base: nn.Module, update: nn.Module) -> torch.Tensor:
     """base(x) + update(x) for a `Linear4bit` base and a plain LoRA `update` (a `LoRAUpdate`)."""
-    absmax = (quantization.cached_absmax(base) if CACHE_ABSMAX
-              else quantization.dequantize_absmax(quantization.quant_state_of(base)))
-    compute_dtype = base.compute_dtype or x.dtype
+    state = quantization.quant_state_of(base)
+    absmax = quantization.cached_absmax(base) if CACHE_ABSMAX else quantization.dequantize_absmax(state)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         lora_dtype = torch.get_autocast_dtype(device_type)
     else:
         lora_dtype = update.lora_A.weight.dtype
+    # Constants only (no modules) cross into the function, so torch.compile can trace it.
+    weight = (state.blocksize, state.quant_type, tuple(state.shape), base.compute_dtype or x.dtype)
     dropped = update.dropout(x)
     shared = dropped is x  # no dropout: one input gradient for both branches
     return _Linear4bitLoRA.apply(x, None if shared else dropped, update.lora_A.weight, update.lora_B.weight,
-                                 base.bias, base, absmax, float(update.scaling), compute_dtype, lora_dtype)
+                                 base.bias, base.weight, absmax, weight, float(update.scaling), lora_dtype)
 
 
 class _Linear4bitLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dropped, lora_a, lora_b, bias, base, absmax, scaling, compute_dtype, lora_dtype):
+    def forward(ctx, x, dropped, lora_a, lora_b, bias, packed, absmax, weight_meta, scaling, lora_dtype):
+        compute_dtype = weight_meta[-1]
         with torch.autocast(x.device.type, enabled=False):
-            weight = quantization.dequantize_with(base, absmax, compute_dtype)  # (out, in)
+            weight = quantization.dequantize_packed(packed, absmax, *weight_meta)  # (out, in)
             out = F.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype))
             del weight
             lora_in = (x if dropped is None else dropped).to(lora_dtype)
             hidden = F.linear(lora_in, lora_a.to(lora_dtype)) * scaling  # (..., r)
             update = F.linear(hidden, lora_b.to(lora_dtype))  # (..., out)
             out = out.to(x.dtype) + update.to(x.dtype)
-        ctx.save_for_backward(lora_in, hidden, lora_a, lora_b)
-        ctx.base, ctx.absmax, ctx.scaling = base, absmax, scaling
-        ctx.compute_dtype, ctx.lora_dtype = compute_dtype, lora_dtype
+        ctx.save_for_backward(lora_in, hidden, lora_a, lora_b, packed, absmax)
+        ctx.weight_meta, ctx.scaling, ctx.lora_dtype = weight_meta, scaling, lora_dtype
         ctx.x_dtype, ctx.shared = x.dtype, dropped is None
         ctx.dropped_dtype = None if dropped is None else dropped.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        lora_in, hidden, lora_a, lora_b = ctx.saved_tensors
+        lora_in, hidden, lora_a, lora_b, packed, absmax = ctx.saved_tensors
         need_x, need_dropped, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         grad_x = grad_dropped = grad_a = grad_b = grad_bias = None
         with torch.autocast(grad_out.device.type, enabled=False):
@@ -94,8 +96,8 @@ class _Linear4bitLoRA(torch.autograd.Function):
             if need_x or need_dropped:
                 g_lora_in = g_hidden @ a  # (..., in), the LoRA branch's input gradient
             if need_x:
-                weight = quantization.dequantize_with(ctx.base, ctx.absmax, ctx.compute_dtype)
-                grad_x = grad_out.to(ctx.compute_dtype) @ weight
+                weight = quantization.dequantize_packed(packed, absmax, *ctx.weight_meta)  # the one re-dequantize
+                grad_x = grad_out.to(ctx.weight_meta[-1]) @ weight
                 del weight
                 if ctx.shared:
                     grad_x = grad_x.to(ctx.lora_dtype).add_(g_lora_in)
@@ -103,5 +105,5 @@ class _Linear4bitLoRA(torch.autograd.Function):
             if need_dropped and not ctx.shared:
                 grad_dropped = g_lora_in.to(ctx.dropped_dtype)
             if need_bias:
-                grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.base.bias.dtype)
+                grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, grad_dropped, grad_a, grad_b, grad_bias, None, None, None, None, None

@@ -158,13 +158,16 @@ def absmax_cache_bytes(model: nn.Module) -> int:
 
 
 def dequantize_with(module: nn.Module, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight of a `Linear4bit` in `dtype`, from its packed data and an fp32 `absmax`.
-
-    bitsandbytes' `dequantize_4bit` custom op, as its `gemm_4bit` calls it.
-    """
+    """The (out, in) weight of a `Linear4bit` in `dtype`, from its packed data and an fp32 `absmax`."""
     state = quant_state_of(module)
-    return torch.ops.bitsandbytes.dequantize_4bit.default(
-        module.weight.data.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, dtype)
+    return dequantize_packed(module.weight, absmax, state.blocksize, state.quant_type, tuple(state.shape), dtype)
+
+
+def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                      shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' `dequantize_4bit` custom op, called as its `gemm_4bit` calls it (tensors and constants only)."""
+    return torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), absmax, blocksize, quant_type,
+                                                          shape, dtype)
 
 
 def guard_cpu_gradients(model: nn.Module) -> int:
