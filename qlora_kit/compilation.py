@@ -16,6 +16,8 @@ import shutil
 import torch
 from torch import nn
 
+from . import quantization
+
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +53,9 @@ def compile_layers(model: nn.Module) -> int:
     if problem:
         log.warning("train.compile: %s; training without compilation", problem)
         return 0
+    for module in model.modules():  # the kept absmax exists before tracing (see quantization.cached_absmax)
+        if quantization.is_4bit_linear(module):
+            quantization.cached_absmax(module)
     for block in blocks:
         block.compile(dynamic=None)
     return len(blocks)

@@ -141,6 +141,10 @@ def cached_absmax(module: nn.Module) -> torch.Tensor:
     is a plain attribute, not a buffer: state dicts, saving and FSDP never see it.
     It is recomputed whenever the state's absmax is replaced (moved, reloaded).
     """
+    if torch.compiler.is_compiling():
+        # Filled before compiling (`compilation.compile_layers`); the identity check below
+        # would make torch.compile specialise, and recompile, per layer.
+        return module._absmax_fp32[1]
     state = quant_state_of(module)
     key = (id(state.absmax), state.absmax.device)
     cached = getattr(module, "_absmax_fp32", None)

@@ -14,12 +14,22 @@ from qlora_kit.training import enable_checkpointing
 
 
 @contextlib.contextmanager
-def unfused():
-    fused.ENABLED = False
+def fused_path(enabled: bool):
+    saved, fused.ENABLED = fused.ENABLED, enabled
     try:
         yield
     finally:
-        fused.ENABLED = True
+        fused.ENABLED = saved
+
+
+def unfused():
+    return fused_path(False)
+
+
+@pytest.fixture(autouse=True)
+def fused_on():
+    with fused_path(True):
+        yield
 
 
 def four_bit_layer(source: nn.Module) -> nn.Module:
