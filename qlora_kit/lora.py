@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import classification, layers, quantization
+from . import classification, fused, layers, quantization
 from .config import from_dict, to_dict
 from .errors import QLoRAKitError
 from .settings import ALL_LINEAR, LoRAConfig
@@ -152,6 +152,10 @@ class LoRALinear(nn.Module):
         return update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.disabled and self.rows is None and self.active is not None:
+            update = self.adapters[self.active]
+            if fused.applies(self.base, update):  # one dequantize each way (qlora_kit/fused.py)
+                return fused.lora_linear_4bit(x, self.base, update)
         out = self.base(x)
         if self.disabled:
             return out

@@ -111,6 +111,69 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     return bnbF.dequantize_4bit(weight.data, state)
 
 
+def quant_state_of(module: nn.Module):
+    """A `Linear4bit`'s `QuantState`: its weight's, or the layer's copy once FSDP has replaced the weight."""
+    state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else module.quant_state
+
+
+def dequantize_absmax(state) -> torch.Tensor:
+    """A weight's per-block absmax in fp32, undoing the double quantization as `gemm_4bit` does.
+
+    The same custom ops and arithmetic as bitsandbytes' own nested path
+    (`dequantize_blockwise` of the 8-bit absmax, plus the offset), so the 4-bit
+    weight it dequantizes with is bit-identical to bitsandbytes'.
+    """
+    if not state.nested:
+        return state.absmax.float()
+    absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+        state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32)
+    return absmax + state.offset
+
+
+def cached_absmax(module: nn.Module) -> torch.Tensor:
+    """`dequantize_absmax` of a `Linear4bit`'s weight, computed once and kept on the module.
+
+    On the CPU, undoing the double quantization costs as much as dequantizing the
+    4-bit weight itself, and a training step needs the weight three times (forward,
+    checkpointed recompute, backward). The fp32 absmax costs 4 bytes per 64 weights
+    (0.5 bit per parameter, 1/8 of the packed 4-bit size: `absmax_cache_bytes`). It
+    is a plain attribute, not a buffer: state dicts, saving and FSDP never see it.
+    It is recomputed whenever the state's absmax is replaced (moved, reloaded).
+    """
+    if torch.compiler.is_compiling():
+        # Filled before compiling (`compilation.compile_layers`); the identity check below
+        # would make torch.compile specialise, and recompile, per layer.
+        return module._absmax_fp32[1]
+    state = quant_state_of(module)
+    key = (id(state.absmax), state.absmax.device)
+    cached = getattr(module, "_absmax_fp32", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, dequantize_absmax(state))
+        module._absmax_fp32 = cached
+    return cached[1]
+
+
+def absmax_cache_bytes(model: nn.Module) -> int:
+    """Bytes held by `cached_absmax` copies (not counted in `quantized_bytes`: no part of the packed model)."""
+    return sum(m._absmax_fp32[1].numel() * 4 for m in model.modules()
+               if is_4bit_linear(m) and getattr(m, "_absmax_fp32", None) is not None)
+
+
+def dequantize_with(module: nn.Module, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight of a `Linear4bit` in `dtype`, from its packed data and an fp32 `absmax`."""
+    state = quant_state_of(module)
+    return dequantize_packed(module.weight, absmax, state.blocksize, state.quant_type, tuple(state.shape), dtype)
+
+
+def dequantize_packed(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                      shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' `dequantize_4bit` custom op, called as its `gemm_4bit` calls it (tensors and constants only)."""
+    return torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), absmax, blocksize, quant_type,
+                                                          shape, dtype)
+
+
 def guard_cpu_gradients(model: nn.Module) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
 

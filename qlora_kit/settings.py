@@ -117,6 +117,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: bf16 where supported, else fp16 (CUDA) with loss scaling
     gradient_checkpointing: bool = True  # recompute activations in backward: much less memory, ~30% more compute
     ignore_memory_plan: bool = False  # CUDA: train even when the memory plan predicts the step will not fit the free GPU memory
+    compile: bool = False  # torch.compile each decoder layer once (regional compilation; LoRA, 4-bit and checkpointing kept); default off: not a win on the 2-core CPU measured (see README, Performance); needs a C++ compiler on the CPU, else trains eagerly with one warning
     activation_offloading: bool = False  # CUDA: keep what forward saves for backward (with checkpointing: each layer's input) in pinned host memory; frees layers x tokens x hidden x 2 bytes of GPU memory for two PCIe copies per step
     loss_chunk_tokens: int = bounded(1024, ge=1)  # supervised tokens per LM-head chunk in the fused loss (bounds logits memory)
     mlp_chunk_tokens: int = bounded(0, ge=0)  # compute each decoder layer's MLP this many tokens at a time, each slice recomputed in backward (tiled MLP): for long sequences, the MLP activations stop growing with the sequence for ~1/6 more compute; 0 = whole sequence

@@ -40,6 +40,7 @@ from .evaluation import token_loss
 from .loading import load_base
 from .lora import apply_lora, parameter_counts, select_targets, set_adapters_enabled, trainable_parameters
 from .losses import SupervisedLoss, perplexity
+from .compilation import compile_layers
 from .offload import enable_activation_offloading
 from .tiling import tile_mlps
 from .precision import resolve_mixed_precision, torch_dtype
@@ -157,6 +158,8 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
         tile_mlps(model, cfg.mlp_chunk_tokens)
     if cfg.activation_offloading:
         enable_activation_offloading(model, accelerator.device)  # a logged no-op on the CPU
+    if cfg.compile:
+        _compile(model, fsdp)
     model.config.use_cache = False
 
     # Each process reads its own slice of every global batch of batch_size x processes examples.
@@ -341,6 +344,16 @@ def set_cpu_threads(requested: int | None, processes: int) -> int:
         log.warning("the machine is busy (load average %.1f on %d cores): threads will compete; "
                     "train.cpu_threads=1 is often much faster then", load, available)
     return threads
+
+
+def _compile(model, fsdp: bool) -> None:
+    """train.compile: each decoder layer compiled once (qlora_kit/compilation.py), or a warning why not."""
+    if fsdp:  # FSDP2 swaps parameters for DTensors per layer; compiling over that is untested here
+        log.warning("train.compile is not applied with FSDP; training without compilation")
+        return
+    compiled = compile_layers(model)
+    if compiled:
+        log.info("train.compile: %d decoder layers compiled (the first step includes compiling)", compiled)
 
 
 def enable_checkpointing(model) -> None:
