@@ -1,8 +1,8 @@
 """Writing Hugging Face checkpoint folders: streamed safetensors shards, index, config and side files.
 
-Exports (merge, dequantize) produce tensors one at a time; `ShardWriter` holds at
-most one output shard before writing it, so host RAM stays near one output shard
-plus whatever the producer holds. They write into a folder that
+Exports (merge, dequantize) produce tensors one at a time; `ShardWriter` writes each
+to disk as it arrives, so host RAM stays near one tensor plus whatever the producer
+holds. They write into a folder that
 `atomic.staged_folder` renames into place only when everything succeeded: a crash
 or kill leaves either no target or the previous one untouched.
 """
@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from . import memory
 from .checkpoint import INDEX_FILE, SINGLE_FILE
@@ -49,11 +48,22 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-class ShardWriter:
-    """Collects tensors into safetensors shards of at most `max_shard_bytes`, writing each when full.
+# torch dtype -> the safetensors header's name for it
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
 
-    Shards are written as `model-00001.safetensors`, ... and renamed to
-    `model-00001-of-0000N.safetensors` (with an index) by `finish`, since N is
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_bytes`, each tensor as it arrives.
+
+    A safetensors file starts with a header listing every tensor, unknown until the
+    shard is complete, so each tensor's bytes go straight to a body file beside the
+    shard and the header is written in front of them when the shard closes (a copy
+    within the kernel's page cache). Host RAM holds one tensor at a time, not one
+    shard: a merge of a model that fits one shard needs no more memory than an
+    in-memory merge. Shards are written as `model-00001.safetensors`, ... and renamed
+    to `model-00001-of-0000N.safetensors` (with an index) by `finish`, since N is
     known only at the end; a single shard becomes `model.safetensors`, as
     `save_pretrained` does. A tensor larger than the limit gets a shard of its own.
     """
@@ -61,32 +71,52 @@ class ShardWriter:
     def __init__(self, folder: Path, max_shard_bytes: int):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
+        self._body = None  # the open body file of the shard being written
+        self._entries: dict[str, dict] = {}  # its tensors: dtype, shape, data_offsets
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise QLoRAKitError(f"cannot write {name}: dtype {tensor.dtype} has no safetensors name")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+        if self._entries and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
+        if self._body is None:
+            self._body = open(self._shard_path().with_suffix(".body"), "wb")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._body.write(memoryview(data.numpy()))
+        self._entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._pending_bytes, self._pending_bytes + nbytes]}
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
+    def _shard_path(self) -> Path:
+        return self.folder / f"model-{len(self._written) + 1:05d}.safetensors"
+
     def _flush(self) -> None:
-        path = self.folder / f"model-{len(self._written) + 1:05d}.safetensors"
-        # safetensors writes from the tensors' memory directly: no second copy of the shard.
-        save_file(self._pending, path, metadata={"format": "pt"})
-        log.debug("wrote %s (%d tensors, %.1f MB)", path.name, len(self._pending), self._pending_bytes / 1e6)
-        self._written.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
-        memory.release()  # the shard's tensors are freed: give their pages back to the OS
+        path = self._shard_path()
+        body = path.with_suffix(".body")
+        if self._body is None:  # an empty checkpoint still gets one (empty) shard
+            self._body = open(body, "wb")
+        self._body.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        with open(path, "wb") as out, open(body, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        body.unlink()
+        log.debug("wrote %s (%d tensors, %.1f MB)", path.name, len(self._entries), self._pending_bytes / 1e6)
+        self._written.append((path, list(self._entries)))
+        self._body, self._entries, self._pending_bytes = None, {}, 0
 
     def finish(self) -> list[str]:
         """Write the last shard, give the shards their final names and write the index; returns file names."""
-        if self._pending or not self._written:
+        if self._entries or not self._written:
             self._flush()
+        memory.release()  # the producer's freed tensors: give their pages back to the OS
         if len(self._written) == 1:
             path, _ = self._written[0]
             os.replace(path, self.folder / SINGLE_FILE)
