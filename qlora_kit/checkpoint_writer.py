@@ -106,7 +106,8 @@ class ShardWriter:
         with open(path, "wb") as out, open(body, "rb") as data:
             out.write(len(header).to_bytes(8, "little"))
             out.write(header)
-            shutil.copyfileobj(data, out, 16 << 20)
+            out.flush()
+            _copy_file(data, out, self._pending_bytes)
         body.unlink()
         log.debug("wrote %s (%d tensors, %.1f MB)", path.name, len(self._entries), self._pending_bytes / 1e6)
         self._written.append((path, list(self._entries)))
@@ -131,6 +132,21 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return names + [INDEX_FILE]
+
+
+def _copy_file(source, target, nbytes: int) -> None:
+    """Append `nbytes` of `source` to `target`, inside the kernel where it can (no user-space buffer)."""
+    done = 0
+    try:
+        while done < nbytes:
+            step = os.copy_file_range(source.fileno(), target.fileno(), nbytes - done)
+            if step == 0:
+                raise QLoRAKitError(f"{source.name} ended {nbytes - done} bytes early")
+            done += step
+    except (AttributeError, OSError):  # no copy_file_range here (not Linux, old kernel or file system)
+        if done:
+            raise
+        shutil.copyfileobj(source, target, 16 << 20)
 
 
 def write_config(source_folder: Path, target_folder: Path, dtype: torch.dtype) -> dict:
