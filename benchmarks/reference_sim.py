@@ -99,24 +99,15 @@ def simulate_reference(run: RunConfig, *, batch_size: int, seq_len: int, fp32_ca
 
 def estimate_reference_total(run: RunConfig, batch_size: int, seq_len: int, hf_config, fp32_cast: bool) -> int:
     """Like `memory_plan.estimate_total`, for the reference: two short copies, extrapolated per layer."""
-    layers = hf_config.num_hidden_layers
-    period = mp._layer_period(hf_config)
-    a = period * max(1, -(-2 // period))
-    if layers <= 2 * a:
-        return simulate_reference(run, batch_size=batch_size, seq_len=seq_len, fp32_cast=fp32_cast, flops=False,
-                                  hf_config=hf_config).total_bytes
-    short = [simulate_reference(run, batch_size=batch_size, seq_len=seq_len, fp32_cast=fp32_cast, flops=False,
-                                hf_config=mp._with_layers(hf_config, n)).total_bytes for n in (a, 2 * a)]
-    return int(round(short[0] + (short[1] - short[0]) / a * (layers - a)))
+    return mp.extrapolated_total(lambda config: simulate_reference(run, batch_size=batch_size, seq_len=seq_len,
+                                                                   fp32_cast=fp32_cast, flops=False,
+                                                                   hf_config=config).total_bytes, hf_config)
 
 
 def longest_reference_sequence(run: RunConfig, gpu_bytes: int, *, fp32_cast: bool = True, batch_size: int = 1,
                                hf_config=None) -> int:
     """The reference's longest sequence (multiple of 64) that fits, as memory_plan.longest_sequence searches."""
     hf_config = hf_config or mp.model_config(run.model)
-    step = mp.SEQ_GRANULARITY
-    cap = min(getattr(hf_config, "max_position_embeddings", None) or mp.MAX_SEARCH_TOKENS, mp.MAX_SEARCH_TOKENS)
-    cap = cap // step * step
     cache: dict = {}
 
     def fits(t: int) -> bool:
@@ -128,19 +119,4 @@ def longest_reference_sequence(run: RunConfig, gpu_bytes: int, *, fp32_cast: boo
         return simulate_reference(run, batch_size=batch_size, seq_len=t, fp32_cast=fp32_cast, flops=False,
                                   hf_config=hf_config).total_bytes <= gpu_bytes
 
-    lo = step
-    if not fits(lo):
-        return 0
-    hi = min(2048, cap)
-    while hi < cap and fits(hi):
-        lo, hi = hi, min(hi * 2, cap)
-    if hi >= cap and fits(cap) and confirmed(cap):
-        return cap
-    while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        if mid <= lo:
-            break
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    while lo > 0 and not confirmed(lo):
-        lo -= step
-    return lo
+    return mp.longest_fitting(fits, confirmed, mp.sequence_cap(hf_config))

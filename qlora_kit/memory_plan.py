@@ -896,7 +896,7 @@ def _with_layers(config, layers: int):
     return short
 
 
-def estimate_total(run: RunConfig, batch_size: int, seq_len: int, hf_config) -> int:
+def extrapolated_total(total_bytes: Callable, hf_config) -> int:
     """Simulated total bytes (peak + overhead) of the full model, from two short copies of it.
 
     Every decoder layer adds the same bytes wherever the peak falls (its weights, and
@@ -904,16 +904,23 @@ def estimate_total(run: RunConfig, batch_size: int, seq_len: int, hf_config) -> 
     so the peak is linear in the number of layers: simulate a and 2a layers (a whole
     number of layer-pattern periods) and extrapolate. Searches use this (seconds per
     point instead of a minute) and confirm their answer with a full simulation.
+    `total_bytes(config)` simulates the step of a model built from `config`.
     """
     layers = hf_config.num_hidden_layers
-    a = _layer_period(hf_config) * max(1, math.ceil(2 / _layer_period(hf_config)))
+    period = _layer_period(hf_config)
+    a = period * max(1, math.ceil(2 / period))
     if layers <= 2 * a:
-        return _simulate_step(run, device="cuda", batch_size=batch_size, seq_len=seq_len, steps=1, flops=False,
-                              hf_config=hf_config).total_bytes
-    short = [_simulate_step(run, device="cuda", batch_size=batch_size, seq_len=seq_len, steps=1, flops=False,
-                            hf_config=_with_layers(hf_config, n)).total_bytes for n in (a, 2 * a)]
+        return total_bytes(hf_config)
+    short = [total_bytes(_with_layers(hf_config, n)) for n in (a, 2 * a)]
     per_layer = (short[1] - short[0]) / a
     return int(round(short[0] + per_layer * (layers - a)))
+
+
+def estimate_total(run: RunConfig, batch_size: int, seq_len: int, hf_config) -> int:
+    """`extrapolated_total` of qlora_kit's training step."""
+    return extrapolated_total(lambda config: _simulate_step(run, device="cuda", batch_size=batch_size, seq_len=seq_len,
+                                                            steps=1, flops=False, hf_config=config).total_bytes,
+                              hf_config)
 
 
 def _fits(run: RunConfig, gpu_bytes: int, batch_size: int, seq_len: int, hf_config, cache: dict) -> bool:
@@ -941,25 +948,39 @@ def longest_sequence(run: RunConfig, gpu_bytes: int | str, *, batch_size: int = 
         return _in_worker("longest_sequence", run, {"gpu_bytes": gpu_bytes, "batch_size": batch_size})
     gpu_bytes = parse_gpu_memory(gpu_bytes)
     hf_config = model_config(run.model)
-    cap = min(getattr(hf_config, "max_position_embeddings", None) or MAX_SEARCH_TOKENS, MAX_SEARCH_TOKENS)
-    cap = cap // SEQ_GRANULARITY * SEQ_GRANULARITY
     cache: dict = {}
-    fits = lambda t: _fits(run, gpu_bytes, batch_size, t, hf_config, cache)  # noqa: E731
-    lo = SEQ_GRANULARITY
+    return longest_fitting(lambda t: _fits(run, gpu_bytes, batch_size, t, hf_config, cache),
+                           lambda t: _confirmed(run, gpu_bytes, batch_size, t, hf_config), sequence_cap(hf_config))
+
+
+def sequence_cap(hf_config) -> int:
+    """The longest sequence a search tries: the model's max_position_embeddings (a multiple of SEQ_GRANULARITY)."""
+    cap = min(getattr(hf_config, "max_position_embeddings", None) or MAX_SEARCH_TOKENS, MAX_SEARCH_TOKENS)
+    return cap // SEQ_GRANULARITY * SEQ_GRANULARITY
+
+
+def longest_fitting(fits: Callable[[int], bool], confirmed: Callable[[int], bool], cap: int) -> int:
+    """The longest multiple of SEQ_GRANULARITY up to `cap` that fits; 0 if none.
+
+    `fits` is the cheap test the bisection uses (an extrapolated estimate), `confirmed`
+    the full simulation its answer must pass (stepping down until one does).
+    """
+    step = SEQ_GRANULARITY
+    lo = step
     if not fits(lo):
         return 0
     hi = min(2048, cap)
     while hi < cap and fits(hi):
         lo, hi = hi, min(hi * 2, cap)
-    if hi >= cap and fits(cap) and _confirmed(run, gpu_bytes, batch_size, cap, hf_config):
+    if hi >= cap and fits(cap) and confirmed(cap):
         return cap
-    while hi - lo > SEQ_GRANULARITY:
-        mid = (lo + hi) // 2 // SEQ_GRANULARITY * SEQ_GRANULARITY
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
         if mid <= lo:
             break
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    while lo > 0 and not _confirmed(run, gpu_bytes, batch_size, lo, hf_config):
-        lo -= SEQ_GRANULARITY
+    while lo > 0 and not confirmed(lo):
+        lo -= step
     return lo
 
 
