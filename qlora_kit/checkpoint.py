@@ -29,6 +29,11 @@ from . import integrity
 from .errors import QLoRAKitError
 from .packaged import SMOLLM2_NAME, gguf_to_hf_folder, smollm2_path
 
+# A safetensors header's dtype names and the torch dtypes they hold (those read and written here).
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 EXPORT_MANIFEST = "qlora_kit_export.json"  # an export's manifest (qlora_kit.export), with its files' checksums

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import memory
-from .checkpoint import INDEX_FILE, SINGLE_FILE
+from .checkpoint import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
 from .errors import QLoRAKitError
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,7 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-# torch dtype -> the safetensors header's name for it
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> header name
 
 
 class ShardWriter:

@@ -113,11 +113,12 @@ def _valid_records(records, recorded_in) -> dict:
     return records
 
 
-def check_safetensors_size(path: str | os.PathLike) -> None:
+def check_safetensors_size(path: str | os.PathLike) -> tuple[int, dict]:
     """Refuse a safetensors file whose header does not describe exactly the bytes the file holds.
 
     Reads only the header: a truncated (or appended-to) file is caught before any
-    tensor is read, with the sizes that tell what happened.
+    tensor is read, with the sizes that tell what happened. Returns where the
+    tensor data starts and the header (tensor name -> dtype, shape, data_offsets).
     """
     path = Path(path)
     size = path.stat().st_size
@@ -146,3 +147,4 @@ def check_safetensors_size(path: str | os.PathLike) -> None:
         raise QLoRAKitError(
             f"{path} is {what}: its header describes {expected:,} bytes but the file holds {size:,}; {hint}"
         )
+    return 8 + header_len, header

@@ -69,8 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import memory, quantization
-from .checkpoint import _open_shard
+from . import integrity, memory, quantization
+from .checkpoint import SAFETENSORS_DTYPES, _open_shard
 from .errors import QLoRAKitError
 from .precision import dtype_name, torch_dtype
 
@@ -478,11 +478,6 @@ class NotStreamable(QLoRAKitError):
     """This architecture cannot be verified layer by layer (the caller falls back to whole models)."""
 
 
-_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
 class _Tensors:
     """A checkpoint's tensors by name, whole or a range of rows, read with plain file reads.
 
@@ -502,9 +497,7 @@ class _Tensors:
     def _info(self, name: str) -> tuple[Path, int, dict]:
         shard = self.where[name]
         if shard not in self.headers:
-            with open(shard, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                self.headers[shard] = (8 + size, json.loads(f.read(size)))
+            self.headers[shard] = integrity.check_safetensors_size(shard)
         start, header = self.headers[shard]
         return shard, start, header[name]
 
@@ -513,7 +506,7 @@ class _Tensors:
 
     def _read(self, name: str, first_row: int, rows: int) -> torch.Tensor:
         shard, start, info = self._info(name)
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:  # an unusual dtype: let safetensors decode it
             with _open_shard(shard) as f:
                 return f.get_slice(name)[first_row:first_row + rows].clone()
