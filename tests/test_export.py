@@ -30,6 +30,7 @@ SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", 
 def make_adapter(base_dir: Path, folder: Path, *, seed: int = 0, rank: int = 4, targets=("all-linear",)) -> Path:
     """A trained-looking adapter: B ~ normal(0, 0.02) instead of zero, saved with its manifest."""
     model, _, base = load_base(str(base_dir))
+    torch.manual_seed(seed)  # A's initialisation too: the same adapter in every test process
     apply_lora(model, LoRAConfig(rank=rank, target_modules=list(targets)))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

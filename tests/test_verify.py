@@ -181,14 +181,19 @@ def same_metrics(streamed: dict, whole: dict, *, low_precision: bool = False) ->
     assert streamed["mean_abs_logit_diff"] == pytest.approx(whole["mean_abs_logit_diff"], rel=1e-3, abs=1e-7)
 
 
+def verified_both_ways(out, adapter, base, *, mode: str, batches: int = 1, tokenizer_from=None):
+    """Streaming and whole-model verification of the export in `out` against `adapter` on `base`, same inputs."""
+    record = AdapterRecord.read(adapter)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or out)
+    inputs, _ = verification_inputs(tokenizer, None, batches, record)
+    quant = record.manifest["quantization"]
+    return (stream_compare(out, record, base, quant, mode=mode, inputs=inputs),
+            whole_compare(out, adapter, base, quant, mode=mode, inputs=inputs))
+
+
 def test_streaming_verification_agrees_with_whole_models(adapter, tiny_llama_dir, tmp_path):
     merge(adapter, tmp_path / "out", dtype="bfloat16", verify=0, progress=False)
-    record = AdapterRecord.read(adapter)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
-    inputs, _ = verification_inputs(tokenizer, None, 2, record)
-    quant = record.manifest["quantization"]
-    streamed = stream_compare(tmp_path / "out", record, tiny_llama_dir, quant, mode="nf4", inputs=inputs)
-    whole = whole_compare(tmp_path / "out", adapter, tiny_llama_dir, quant, mode="nf4", inputs=inputs)
+    streamed, whole = verified_both_ways(tmp_path / "out", adapter, tiny_llama_dir, mode="nf4", batches=2)
     same_metrics(streamed["metrics"], whole["metrics"])
     for key in ("noise_floor", "served"):  # served: the bf16 export computed in bf16
         same_metrics(streamed[key], whole[key], low_precision=True)
@@ -211,11 +216,7 @@ def fp32_base(tmp_path_factory, smollm2_dir):
 def test_streaming_original_mode_reports_drift_like_whole_models(fp32_base, tmp_path):
     base, adapter = fp32_base
     merge(adapter, tmp_path / "out", mode="original", dtype="float32", verify=0, progress=False)
-    record = AdapterRecord.read(adapter)
-    inputs, _ = verification_inputs(AutoTokenizer.from_pretrained(base), None, 1, record)
-    quant = record.manifest["quantization"]
-    streamed = stream_compare(tmp_path / "out", record, base, quant, mode="original", inputs=inputs)
-    whole = whole_compare(tmp_path / "out", adapter, base, quant, mode="original", inputs=inputs)
+    streamed, whole = verified_both_ways(tmp_path / "out", adapter, base, mode="original", tokenizer_from=base)
     for key in ("metrics", "drift_from_trained"):
         same_metrics(streamed[key], whole[key])
     same_metrics(streamed["noise_floor"], whole["noise_floor"], low_precision=True)
@@ -228,11 +229,7 @@ def test_streaming_verification_agrees_with_whole_models_on_smollm2(smollm2_dir,
     """The real model: tied embeddings, 30 layers, massive activations at the first position."""
     adapter = make_adapter(smollm2_dir, tmp_path / "adapter", targets=("q_proj", "v_proj", "down_proj"))
     merge(adapter, tmp_path / "out", verify=0, progress=False)  # the default: float16
-    record = AdapterRecord.read(adapter)
-    inputs, _ = verification_inputs(AutoTokenizer.from_pretrained(tmp_path / "out"), None, 1, record)
-    quant = record.manifest["quantization"]
-    streamed = stream_compare(tmp_path / "out", record, smollm2_dir, quant, mode="nf4", inputs=inputs)
-    whole = whole_compare(tmp_path / "out", adapter, smollm2_dir, quant, mode="nf4", inputs=inputs)
+    streamed, whole = verified_both_ways(tmp_path / "out", adapter, smollm2_dir, mode="nf4")
     same_metrics(streamed["metrics"], whole["metrics"])
     for key in ("noise_floor", "served"):
         same_metrics(streamed[key], whole[key], low_precision=True)
@@ -381,10 +378,6 @@ def test_streaming_verification_of_a_dora_adapter(tiny_llama_dir, tmp_path):
             layer.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn(layer.lora_magnitude_vector.shape, generator=gen))
     adapter = save_adapter(model, tmp_path / "dora", base=base)
     merge(adapter, tmp_path / "out", dtype="float32", verify=0, progress=False)
-    record = AdapterRecord.read(adapter)
-    inputs, _ = verification_inputs(AutoTokenizer.from_pretrained(tmp_path / "out"), None, 1, record)
-    quant = record.manifest["quantization"]
-    streamed = stream_compare(tmp_path / "out", record, tiny_llama_dir, quant, mode="nf4", inputs=inputs)
-    whole = whole_compare(tmp_path / "out", adapter, tiny_llama_dir, quant, mode="nf4", inputs=inputs)
+    streamed, whole = verified_both_ways(tmp_path / "out", adapter, tiny_llama_dir, mode="nf4")
     same_metrics(streamed["metrics"], whole["metrics"])
     assert streamed["metrics"]["top1_agreement"] == 1.0 and streamed["metrics"]["mean_kl"] < 1e-8
