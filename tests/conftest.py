@@ -42,3 +42,14 @@ def smollm2_4bit(smollm2_dir):
     from qlora_kit import load_base
 
     return load_base(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def fp32_base_and_adapter(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama saved in fp32 (so `original`-mode merges are exact) and a trained-looking adapter for it."""
+    from tests.test_export import make_adapter
+
+    root = tmp_path_factory.mktemp("fp32")
+    base = write_random_checkpoint(root / "base", tiny_llama_config(), dtype=torch.float32, seed=3,
+                                   tokenizer_from=smollm2_dir)
+    return base, make_adapter(base, root / "adapter", seed=4)

@@ -104,14 +104,6 @@ def test_smollm2_merge_keeps_tied_embeddings_and_verifies(smollm2_dir, tmp_path)
 # --------------------------------------------------------------------------- original mode vs PEFT
 
 
-@pytest.fixture(scope="module")
-def fp32_base_and_adapter(tmp_path_factory, smollm2_dir):
-    root = tmp_path_factory.mktemp("fp32")
-    base = write_random_checkpoint(root / "base", tiny_llama_config(), dtype=torch.float32, seed=3,
-                                   tokenizer_from=smollm2_dir)
-    return base, make_adapter(base, root / "adapter", seed=4)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_original_mode_equals_peft_merge_and_unload(fp32_base_and_adapter, tmp_path, dtype):
     from peft import PeftModel

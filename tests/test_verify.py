@@ -205,16 +205,8 @@ def test_streaming_verification_agrees_with_whole_models(adapter, tiny_llama_dir
     assert all(0 < row["local_rel_mean"] < 2e-2 and row["merged_rel_mean"] < row["noise_rel_mean"] for row in layers)
 
 
-@pytest.fixture(scope="module")
-def fp32_base(tmp_path_factory, smollm2_dir):
-    root = tmp_path_factory.mktemp("fp32-base")
-    base = write_random_checkpoint(root / "base", tiny_llama_config(), dtype=torch.float32, seed=3,
-                                   tokenizer_from=smollm2_dir)
-    return base, make_adapter(base, root / "adapter", seed=4)
-
-
-def test_streaming_original_mode_reports_drift_like_whole_models(fp32_base, tmp_path):
-    base, adapter = fp32_base
+def test_streaming_original_mode_reports_drift_like_whole_models(fp32_base_and_adapter, tmp_path):
+    base, adapter = fp32_base_and_adapter
     merge(adapter, tmp_path / "out", mode="original", dtype="float32", verify=0, progress=False)
     streamed, whole = verified_both_ways(tmp_path / "out", adapter, base, mode="original", tokenizer_from=base)
     for key in ("metrics", "drift_from_trained"):
