@@ -87,7 +87,7 @@ def qlora_kit_setup(spec, device):
     from accelerate.utils import set_seed
 
     from qlora_kit.settings import TrainConfig
-    from qlora_kit.training import enable_checkpointing, make_accelerator, make_optimizer
+    from qlora_kit.training import make_accelerator, make_optimizer, prepare_layers
 
     cfg = TrainConfig(mixed_precision="bf16", learning_rate=spec["lr"], optimizer="auto",
                       gradient_checkpointing=True, output_dir=spec["scratch"])
@@ -107,8 +107,7 @@ def qlora_kit_setup(spec, device):
 
         save_file({k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(model).items()},
                   spec["init_lora_out"])
-    enable_checkpointing(model)
-    model.config.use_cache = False
+    prepare_layers(model, cfg, accelerator.device)  # checkpointing and the rest, as training does
     optimizer = make_optimizer(cfg, trainable_parameters(model), accelerator.device)
     loss_fn = SupervisedLoss(model, cfg.loss_chunk_tokens)
     loss_fn, optimizer = accelerator.prepare(loss_fn, optimizer)

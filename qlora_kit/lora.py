@@ -97,6 +97,22 @@ class LoRAUpdate(nn.Module):
             return update
         return self._dora(dropped, update, base, base_out)
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """out + self(x) for the base's output `out`, in out's dtype.
+
+        Plain LoRA under autocast (training) adds B's product into `out` inside the matmul
+        (addmm): the (..., out) update is never written on its own, one full-width pass
+        less each way. Otherwise (DoRA, fp32 inference) the update is computed, cast, added.
+        """
+        device_type = x.device.type
+        if (self.lora_magnitude_vector is not None or not torch.is_autocast_enabled(device_type)
+                or out.dtype != torch.get_autocast_dtype(device_type)):
+            return out + self(x, base, out).to(out.dtype)
+        h = self.lora_A(self.dropout(x))  # (..., r)
+        fused = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(),
+                            alpha=self.scaling)  # out + scaling · h Bᵀ
+        return fused.view(out.shape)
+
     def _dora(self, dropped: torch.Tensor, update: torch.Tensor, base: nn.Module, base_out: torch.Tensor):
         """(m / ‖W + s·BA‖ - 1) · W x + m / ‖W + s·BA‖ · s·BA x: added to base(x), gives m · V x / ‖V‖."""
         weight = base_weight(base)  # (out, in), fp32
@@ -163,7 +179,7 @@ class LoRALinear(nn.Module):
             return self._forward_rows(x, out)
         if self.active is None:
             return out
-        return out + self.adapters[self.active](x, self.base, out).to(out.dtype)
+        return self.adapters[self.active].add_to(out, x, self.base)
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each row of the batch with its own adapter: exactly what that row computes alone."""

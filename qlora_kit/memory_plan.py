@@ -690,19 +690,11 @@ def _qlora_kit_setup(model, run: RunConfig, device, planned: str, pin_memory: Op
 
     from .losses import SupervisedLoss
     from .lora import apply_lora, trainable_parameters
-    from .offload import enable_activation_offloading
-    from .tiling import tile_mlps
-    from .training import enable_checkpointing, make_optimizer
+    from .training import make_optimizer, prepare_layers
 
     cfg = run.train
     apply_lora(model, run.lora)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    if cfg.mlp_chunk_tokens:
-        tile_mlps(model, cfg.mlp_chunk_tokens)
-    if cfg.activation_offloading:
-        enable_activation_offloading(model, device, pin_memory=pin_memory)
-    model.config.use_cache = False
+    prepare_layers(model, cfg, device, pin_memory=pin_memory)
     params = trainable_parameters(model)
     # The optimizer the training loop picks for the planned device (make_optimizer reads its type).
     optimizer = make_optimizer(cfg, params, torch.device("cuda" if planned == "cuda" else "cpu"))

@@ -41,6 +41,7 @@ from .loading import load_base
 from .lora import apply_lora, parameter_counts, select_targets, set_adapters_enabled, trainable_parameters
 from .losses import SupervisedLoss, perplexity
 from .compilation import compile_layers
+from .norms import fast_norms
 from .offload import enable_activation_offloading
 from .tiling import tile_mlps
 from .precision import resolve_mixed_precision, torch_dtype
@@ -152,15 +153,9 @@ def _train(run: RunConfig, out: Path, resume_from: Path | None, accelerator) -> 
     log.info("device %s x %d process(es), mixed precision %s; base in 4-bit %s: %.1f MiB of packed weights",
              accelerator.device, accelerator.num_processes, accelerator.mixed_precision, run.quant.quant_type,
              quantization.quantized_bytes(model) / 2**20)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    if cfg.mlp_chunk_tokens:
-        tile_mlps(model, cfg.mlp_chunk_tokens)
-    if cfg.activation_offloading:
-        enable_activation_offloading(model, accelerator.device)  # a logged no-op on the CPU
+    prepare_layers(model, cfg, accelerator.device)
     if cfg.compile:
         _compile(model, fsdp)
-    model.config.use_cache = False
 
     # Each process reads its own slice of every global batch of batch_size x processes examples.
     micro_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * world))
@@ -354,6 +349,20 @@ def _compile(model, fsdp: bool) -> None:
     compiled = compile_layers(model)
     if compiled:
         log.info("train.compile: %d decoder layers compiled (the first step includes compiling)", compiled)
+
+
+def prepare_layers(model, cfg: TrainConfig, device, pin_memory: bool | None = None) -> None:
+    """What training changes in the model's layers once LoRA is on: checkpointing, the norms'
+    backward, tiled MLPs, activation offloading. The memory plan and the benchmark call this too,
+    so they measure the step that training runs."""
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    fast_norms(model)  # the same forward, a shorter backward (qlora_kit/norms.py)
+    if cfg.mlp_chunk_tokens:
+        tile_mlps(model, cfg.mlp_chunk_tokens)
+    if cfg.activation_offloading:
+        enable_activation_offloading(model, device, pin_memory=pin_memory)  # a logged no-op on the CPU
+    model.config.use_cache = False
 
 
 def enable_checkpointing(model) -> None:

@@ -21,6 +21,33 @@ def test_forward_is_base_plus_scaled_low_rank_update():
     torch.testing.assert_close(layer.delta_weight(), 2.0 * layer.lora_B.weight @ layer.lora_A.weight)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_update_added_inside_the_matmul_under_autocast_is_as_accurate_as_a_separate_add(dropout):
+    """Training's path (autocast): out + s·(xAᵀ)Bᵀ in one addmm. Against the same layer in fp32,
+    its output and gradients err no more than the update computed alone and then added."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(48, 40), LoRAConfig(rank=4, alpha=16.0, dropout=dropout))
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(3, 5, 48)
+    update = layer.adapters[layer.active]
+
+    def run(path: str):
+        layer.zero_grad()
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(1)  # the same dropout mask every way
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path != "fp32"):
+            out = layer.base(xg)
+            y = update.add_to(out, xg, layer.base) if path == "addmm" else out + update(xg, layer.base, out)
+        y.float().square().sum().backward()
+        return [t.detach().float() for t in (y, xg.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)]
+
+    exact, fused, separate = run("fp32"), run("addmm"), run("separate")
+    assert update.add_to(layer.base(x), x, layer.base).dtype == torch.float32  # no autocast: the plain path
+    for e, f, s in zip(exact, fused, separate):
+        fused_err, separate_err = (f - e).norm() / e.norm(), (s - e).norm() / e.norm()
+        assert fused_err < 2e-2 and fused_err <= 1.5 * separate_err
+
+
 def test_rslora_scaling_and_initialisation():
     layer = LoRALinear(nn.Linear(64, 32), LoRAConfig(rank=16, alpha=8.0, dropout=0.0, use_rslora=True))
     assert layer.scaling == pytest.approx(8.0 / math.sqrt(16))
