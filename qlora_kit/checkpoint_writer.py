@@ -51,14 +51,21 @@ def parse_size(size: int | str) -> int:
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> header name
 
 
+# Bytes kept at the front of each shard for its header (~150 bytes per tensor): a shard is
+# closed early when its header would outgrow this, so the header always fits in front.
+HEADER_RESERVE = 64 * 1024
+_METADATA = {"__metadata__": {"format": "pt"}}  # transformers checks this key
+
+
 class ShardWriter:
     """Writes tensors into safetensors shards of at most `max_shard_bytes`, each tensor as it arrives.
 
     A safetensors file starts with a header listing every tensor, unknown until the
-    shard is complete, so each tensor's bytes go straight to a body file beside the
-    shard and the header is written in front of them when the shard closes (a copy
-    within the kernel's page cache). Host RAM holds one tensor at a time, not one
-    shard: a merge of a model that fits one shard needs no more memory than an
+    shard is complete. So each shard file starts with room for its header
+    (`HEADER_RESERVE`), each tensor's bytes are written after it as they arrive, and the
+    header goes into that room when the shard closes, padded with spaces as the format
+    allows. Host RAM holds one tensor at a time, not one shard, and no byte is written
+    twice: a merge of a model that fits one shard needs no more memory or time than an
     in-memory merge. Shards are written as `model-00001.safetensors`, ... and renamed
     to `model-00001-of-0000N.safetensors` (with an index) by `finish`, since N is
     known only at the end; a single shard becomes `model.safetensors`, as
@@ -68,8 +75,11 @@ class ShardWriter:
     def __init__(self, folder: Path, max_shard_bytes: int):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self._body = None  # the open body file of the shard being written
+        # Small shards get a small header room (a multiple of 8: the data stays 8-byte aligned).
+        self.header_reserve = -(-min(HEADER_RESERVE, max(1024, max_shard_bytes // 1024)) // 8) * 8
+        self._file = None  # the open file of the shard being written
         self._entries: dict[str, dict] = {}  # its tensors: dtype, shape, data_offsets
+        self._header_bytes = len(_header(_METADATA))
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
@@ -78,14 +88,21 @@ class ShardWriter:
         if tensor.dtype not in _DTYPE_NAMES:
             raise QLoRAKitError(f"cannot write {name}: dtype {tensor.dtype} has no safetensors name")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._entries and self._pending_bytes + nbytes > self.max_shard_bytes:
+        entry = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [2**64, 2**64]}
+        entry_bytes = len(_header({name: entry}))  # at least what it adds to the header, whatever its offsets
+        if self._entries and (self._pending_bytes + nbytes > self.max_shard_bytes
+                              or self._header_bytes + entry_bytes > self.header_reserve):
             self._flush()
-        if self._body is None:
-            self._body = open(self._shard_path().with_suffix(".body"), "wb")
+        if self._header_bytes + entry_bytes > self.header_reserve:
+            raise QLoRAKitError(f"cannot write {name[:80]}...: its name alone would not fit a shard header")
+        if self._file is None:
+            self._file = open(self._shard_path(), "wb")
+            self._file.seek(8 + self.header_reserve)  # the header's room, filled by _flush
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._body.write(memoryview(data.numpy()))
-        self._entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                               "data_offsets": [self._pending_bytes, self._pending_bytes + nbytes]}
+        self._file.write(memoryview(data.numpy()))
+        entry["data_offsets"] = [self._pending_bytes, self._pending_bytes + nbytes]
+        self._entries[name] = entry
+        self._header_bytes += entry_bytes
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 
@@ -94,21 +111,18 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self._shard_path()
-        body = path.with_suffix(".body")
-        if self._body is None:  # an empty checkpoint still gets one (empty) shard
-            self._body = open(body, "wb")
-        self._body.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        with open(path, "wb") as out, open(body, "rb") as data:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
-            out.flush()
-            _copy_file(data, out, self._pending_bytes)
-        body.unlink()
+        if self._file is None:  # an empty checkpoint still gets one (empty) shard
+            self._file = open(path, "wb")
+        header = _header({**_METADATA, **self._entries})
+        header += b" " * (self.header_reserve - len(header))  # trailing spaces: the format's own padding
+        self._file.seek(0)
+        self._file.write(len(header).to_bytes(8, "little"))
+        self._file.write(header)
+        self._file.close()
         log.debug("wrote %s (%d tensors, %.1f MB)", path.name, len(self._entries), self._pending_bytes / 1e6)
         self._written.append((path, list(self._entries)))
-        self._body, self._entries, self._pending_bytes = None, {}, 0
+        self._file, self._entries, self._pending_bytes = None, {}, 0
+        self._header_bytes = len(_header(_METADATA))
 
     def finish(self) -> list[str]:
         """Write the last shard, give the shards their final names and write the index; returns file names."""
@@ -131,19 +145,8 @@ class ShardWriter:
         return names + [INDEX_FILE]
 
 
-def _copy_file(source, target, nbytes: int) -> None:
-    """Append `nbytes` of `source` to `target`, inside the kernel where it can (no user-space buffer)."""
-    done = 0
-    try:
-        while done < nbytes:
-            step = os.copy_file_range(source.fileno(), target.fileno(), nbytes - done)
-            if step == 0:
-                raise QLoRAKitError(f"{source.name} ended {nbytes - done} bytes early")
-            done += step
-    except (AttributeError, OSError):  # no copy_file_range here (not Linux, old kernel or file system)
-        if done:
-            raise
-        shutil.copyfileobj(source, target, 16 << 20)
+def _header(entries: dict) -> bytes:
+    return json.dumps(entries, separators=(",", ":")).encode()
 
 
 def write_config(source_folder: Path, target_folder: Path, dtype: torch.dtype) -> dict:

@@ -65,3 +65,26 @@ def test_shards_split_at_the_limit_and_the_index_maps_every_tensor(tmp_path):
 def test_a_dtype_safetensors_cannot_name_is_refused(tmp_path):
     with pytest.raises(QLoRAKitError, match="complex64 has no safetensors name"):
         ShardWriter(tmp_path, 100).add("z", torch.zeros(2, dtype=torch.complex64))
+
+
+def test_a_shard_closes_before_its_header_outgrows_the_room_in_front(tmp_path):
+    """Each header is written into room kept at the shard's start; many tensors mean more shards, never a bad file."""
+    tensors = {f"model.layers.{i}.self_attn.q_proj.weight": torch.full((2, 3), float(i)) for i in range(40)}
+    writer = ShardWriter(tmp_path, 10**6)  # data would fit one shard; 40 headers entries do not fit 1 KiB
+    assert writer.header_reserve == 1024
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    shards = [n for n in writer.finish() if n.endswith(".safetensors")]
+    assert len(shards) > 1
+    got = read_all(tmp_path)
+    assert set(got) == set(tensors) and all(torch.equal(got[k], v) for k, v in tensors.items())
+    for shard in shards:
+        raw = (tmp_path / shard).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        assert n == 1024 and raw[8:8 + n].rstrip(b" ").endswith(b"}")  # padded with spaces, data 8-byte aligned
+        json.loads(raw[8:8 + n])
+
+
+def test_a_name_too_long_for_any_header_is_refused(tmp_path):
+    with pytest.raises(QLoRAKitError, match="would not fit a shard header"):
+        ShardWriter(tmp_path, 100).add("x" * 2000, torch.zeros(1))
