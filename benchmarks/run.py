@@ -188,11 +188,14 @@ def bench_model(name: str, args, runner: Runner, scratch: Path, gpu_name: str | 
         out["merge"] = {"skipped": f"{n_params:,} base parameters > --merge-max-params {args.merge_max_params:,.0f}"}
     elif not args.skip_merge and adapter.is_dir():
         out["merge"] = {system: [] for system in MERGE_SYSTEMS}
+        out["merge_original"] = {"qlora_kit": []}
+        runs = [("qlora_kit", "nf4"), ("qlora_kit", "original"), ("reference", None)]
         for rep in range(args.repeats):
-            for system in rotated(MERGE_SYSTEMS, rep):
+            for system, mode in rotated(runs, rep):
                 merged = work / f"merged-{system}"
-                out["merge"][system].append(runner({**common, "task": "merge", "system": system,
-                                                    "adapter_dir": str(adapter), "out_dir": str(merged)}))
+                result = runner({**common, "task": "merge", "system": system, "mode": mode,
+                                 "adapter_dir": str(adapter), "out_dir": str(merged)})
+                (out["merge_original"] if mode == "original" else out["merge"])[system].append(result)
                 shutil.rmtree(merged, ignore_errors=True)  # a merged 8B model is 16 GB of disk
     if args.device == "cuda" and not args.skip_maxlen:
         import torch as _t
@@ -285,6 +288,15 @@ def summarize(out: dict, n_params: int, peak: float | None) -> dict:
         add("merge + write 16-bit checkpoint (s)", {s: [r["seconds"] for r in v] for s, v in ok.items()}, "lower")
         add("peak RSS while merging, above the pre-merge RSS (MiB)",
             {s: [round(r["peak_rss_mb"] - r["rss_before_mb"], 1) for r in v] for s, v in ok.items()}, "lower")
+        # qlora_kit's mode='original' adds the update to the 16-bit weights as stored, as PEFT's merge does.
+        original = {"qlora_kit": [r for r in out.get("merge_original", {}).get("qlora_kit", []) if "error" not in r],
+                    "reference": ok.get("reference", [])}
+        if original["qlora_kit"]:
+            add("merge + write, qlora_kit mode=original (s)", {s: [r["seconds"] for r in v] for s, v in original.items()},
+                "lower")
+            add("peak RSS while merging, mode=original (MiB)",
+                {s: [round(r["peak_rss_mb"] - r["rss_before_mb"], 1) for r in v] for s, v in original.items()},
+                "lower")
     maxlen = out.get("max_seq_len", {})
     if maxlen and all("max_seq_len" in maxlen[s] for s in maxlen):
         add(f"longest batch-1 sequence in {maxlen['qlora_kit']['budget_mb']} MiB (tokens)",

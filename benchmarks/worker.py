@@ -300,10 +300,11 @@ def task_merge(spec) -> dict:
 
         rss_before = vmrss_mb()
         start = time.perf_counter()
-        result = merge(spec["adapter_dir"], spec["out_dir"], base=spec["model_dir"], mode=spec.get("mode", "nf4"),
+        mode = spec.get("mode") or "nf4"
+        result = merge(spec["adapter_dir"], spec["out_dir"], base=spec["model_dir"], mode=mode,
                        dtype="bfloat16", verify=spec.get("verify_batches", 0), progress=False)
         seconds = time.perf_counter() - start
-        what = (f"qlora_kit.export.merge(mode='{spec.get('mode', 'nf4')}', dtype='bfloat16', "
+        what = (f"qlora_kit.export.merge(mode='{mode}', dtype='bfloat16', "
                 f"verify={spec.get('verify_batches', 0)}): streams the bf16 shards, "
                 "re-quantizes/dequantizes 4-bit layers (nf4 mode), adds scaling*B@A, writes shards")
         written = result.bytes

@@ -45,6 +45,8 @@ def test_benchmark_harness_runs_end_to_end(tmp_path, capsys, smollm2_dir):
     assert len(agreement["qlora_kit"]) == 2
     assert agreement["max_rel_diff_vs_reference_nocast"] < 1e-2, agreement  # the same function from the same start
     assert all(r["seconds"] > 0 for s in ("qlora_kit", "reference") for r in data["merge"][s])
+    assert [r["what"].split("(")[1][:15] for r in data["merge_original"]["qlora_kit"]] == ["mode='original'"] * 2
+    assert any(r["metric"].startswith("merge + write, qlora_kit mode=original") for r in data["summary"]["rows"])
     row = next(r for r in data["summary"]["rows"] if r["metric"].endswith("input tokens/s"))
     assert row["stats"]["qlora_kit"]["n"] == 2 and set(row["ratios"]) == {"reference", "reference_nocast"}
 
