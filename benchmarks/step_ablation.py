@@ -11,7 +11,7 @@ Variants (each is `baseline` plus one change, except `defaults`):
                   1024-row loss chunks (qlora_kit's defaults before these mechanisms)
   fast-norms      RMSNorm with the closed-form backward (qlora_kit/norms.py)
   lora-addmm      the LoRA update added inside B's matmul (LoRAUpdate.add_to)
-  loss-chunk-256  256-row loss chunks (train.loss_chunk_tokens)
+  loss-chunk-128  128-row loss chunks (train.loss_chunk_tokens)
   defaults        all three: what training runs now
   fused-nocache   the fused 4-bit + LoRA autograd function (qlora_kit/fused.py), absmax undone each time
   fused           the same with the absmax dequantized once per weight and kept
@@ -34,8 +34,8 @@ MECHANISMS = {  # variant -> (fast norms, LoRA addmm, loss chunk rows, fused pat
     "baseline": (False, False, 1024, False, False),
     "fast-norms": (True, False, 1024, False, False),
     "lora-addmm": (False, True, 1024, False, False),
-    "loss-chunk-256": (False, False, 256, False, False),
-    "defaults": (True, True, 256, False, False),
+    "loss-chunk-128": (False, False, 128, False, False),
+    "defaults": (True, True, 128, False, False),
     "fused-nocache": (False, False, 1024, True, False),
     "fused": (False, False, 1024, True, True),
     "fused+compile": (False, False, 1024, True, True),
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--variants", nargs="+", default=["baseline", "fast-norms", "lora-addmm", "loss-chunk-256",
+    parser.add_argument("--variants", nargs="+", default=["baseline", "fast-norms", "lora-addmm", "loss-chunk-128",
                                                           "defaults"], choices=list(MECHANISMS))
     parser.add_argument("--compile", action="store_true", help="also a `fused+compile` variant")
     args = parser.parse_args()

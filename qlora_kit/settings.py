@@ -119,7 +119,7 @@ class TrainConfig:
     ignore_memory_plan: bool = False  # CUDA: train even when the memory plan predicts the step will not fit the free GPU memory
     compile: bool = False  # torch.compile each decoder layer once (regional compilation; LoRA, 4-bit and checkpointing kept); default off: not a win on the 2-core CPU measured (see README, Performance); needs a C++ compiler on the CPU, else trains eagerly with one warning
     activation_offloading: bool = False  # CUDA: keep what forward saves for backward (with checkpointing: each layer's input) in pinned host memory; frees layers x tokens x hidden x 2 bytes of GPU memory for two PCIe copies per step
-    loss_chunk_tokens: int = bounded(256, ge=1)  # supervised tokens per LM-head chunk in the fused loss: bounds the logits memory (256 x vocab fp32 floats); on the CPU measured, 256 was also faster than 1024
+    loss_chunk_tokens: int = bounded(128, ge=1)  # supervised tokens per LM-head chunk in the fused loss: bounds the logits memory (128 x vocab fp32 floats); on the CPU measured, 128 was as fast as 256 and faster than 1024
     mlp_chunk_tokens: int = bounded(0, ge=0)  # compute each decoder layer's MLP this many tokens at a time, each slice recomputed in backward (tiled MLP): for long sequences, the MLP activations stop growing with the sequence for ~1/6 more compute; 0 = whole sequence
     eval_every: int = bounded(50, ge=0)  # evaluate every N steps (and at the start and end); 0: only start and end
     eval_batches: Optional[int] = bounded(None, ge=1)  # cap evaluation at N micro-batches; default: the whole held-out set
