@@ -243,25 +243,25 @@ def _row_step(in_features: int, blocksize: int, elements: int | None = None) -> 
 
 def quantize_4bit(weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = BLOCKSIZE,
                   double_quant: bool = True, quant_storage: torch.dtype = torch.uint8):
-    """`bitsandbytes.functional.quantize_4bit` of a 2-D CPU weight, a block of rows at a time: (packed, QuantState).
+    """`bitsandbytes.functional.quantize_4bit` of a 2-D weight, a block of rows at a time: (packed, QuantState).
 
     Bit-identical to quantizing the whole weight at once (as `Params4bit` does when it
-    moves to the CPU): 4-bit blocks never straddle rows when in_features is a multiple
+    moves to a device): 4-bit blocks never straddle rows when in_features is a multiple
     of the block size, and the double-quant statistics (the mean of all absmax values
     and their 8-bit blockwise quantization) are computed once from every chunk's
-    absmax, exactly as bitsandbytes computes them from the whole tensor.
+    absmax, exactly as bitsandbytes computes them from the whole tensor. NF4 on the CPU
+    takes `_nf4_codes` in place of bitsandbytes' `bucketize` (the same bytes, faster).
     """
     step = _row_step(weight.shape[-1], blocksize, QUANTIZE_CHUNK_ELEMENTS) if weight.ndim == 2 else None
-    if step is None or step >= weight.shape[0]:
+    if step is None or (step >= weight.shape[0] and not _fast_nf4(weight, quant_type)):
         return bnbF.quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
                                   quant_type=quant_type, quant_storage=quant_storage)
     packed, absmax = [], []
     for start in range(0, weight.shape[0], step):
-        part, state = bnbF.quantize_4bit(weight[start:start + step].contiguous(), blocksize=blocksize,
-                                         compress_statistics=False, quant_type=quant_type,
-                                         quant_storage=quant_storage)
+        part, part_absmax = _quantize_rows(weight[start:start + step].contiguous(), blocksize, quant_type,
+                                           quant_storage)
         packed.append(part)
-        absmax.append(state.absmax)
+        absmax.append(part_absmax)
     packed, absmax = torch.cat(packed), torch.cat(absmax)
     code = bnbF.get_4bit_type(quant_type, device=weight.device)
     if not double_quant:
@@ -271,6 +271,63 @@ def quantize_4bit(weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: i
     qabsmax, state2 = bnbF.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
     return packed, bnbF.QuantState(absmax=qabsmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
                                    code=code, quant_type=quant_type, offset=offset, state2=state2)
+
+
+def _quantize_rows(rows: torch.Tensor, blocksize: int, quant_type: str, quant_storage: torch.dtype):
+    """(packed, absmax) of whole rows, as bitsandbytes' `quantize_4bit` op returns them."""
+    if not _fast_nf4(rows, quant_type):
+        return torch.ops.bitsandbytes.quantize_4bit.default(rows, blocksize, quant_type, quant_storage)
+    # bitsandbytes' CPU arithmetic, op for op (backends/default/ops.py), so `scaled` is the same.
+    blocks = rows.reshape(-1, blocksize).float()  # rows start on block boundaries (_row_step)
+    absmax = blocks.abs().max(dim=-1)[0]
+    if not torch.isfinite(absmax).all():  # NaN/inf weights: let bitsandbytes decide what they become
+        return torch.ops.bitsandbytes.quantize_4bit.default(rows, blocksize, quant_type, quant_storage)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    codes = _nf4_codes(scaled)
+    packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)  # numel is even: whole blocks
+    if quant_storage != torch.uint8:
+        packed = packed.squeeze().view(quant_storage).unsqueeze(1)
+    return packed, absmax
+
+
+def _fast_nf4(weight: torch.Tensor, quant_type: str) -> bool:
+    return quant_type == "nf4" and weight.device.type == "cpu" and _nf4_tables() is not None
+
+
+# The 4-bit code of x in [-1, 1] is the number of decision boundaries below it (what
+# bitsandbytes computes with torch.bucketize: ~12 ns per value on the CPU). The
+# boundaries are at least 0.07 apart, so on a grid of 2/8192-wide bins each bin,
+# widened by a margin far above the rounding of the bin index, holds at most one of
+# them: code = below[bin] + (x > edge[bin]), with edge = +inf where a bin holds none.
+_NF4_BINS = 8192
+
+
+@functools.cache
+def _nf4_tables():
+    """(below, edge) over _NF4_BINS + 1 bins, from bitsandbytes' own NF4 boundaries; None if they cannot be read."""
+    try:
+        from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+        bounds, _ = _get_4bit_quantize_bounds("nf4", torch.device("cpu"))
+    except (ImportError, AttributeError, TypeError):  # another bitsandbytes: use its own quantizer
+        return None
+    bounds = bounds.double()
+    width, margin = 2.0 / _NF4_BINS, 1e-5
+    lows = torch.arange(_NF4_BINS + 1, dtype=torch.float64) * width - 1  # bin j covers [lows[j], lows[j] + width)
+    below = (bounds[None, :] < (lows - margin)[:, None]).sum(dim=1)
+    inside = (bounds[None, :] >= (lows - margin)[:, None]) & (bounds[None, :] <= (lows + width + margin)[:, None])
+    if int(inside.sum(dim=1).max()) > 1:  # boundaries closer than a bin: the table cannot decide
+        return None
+    edge = torch.where(inside, bounds[None, :], torch.inf).min(dim=1).values
+    return below.to(torch.uint8), edge.to(torch.float32)  # bounds are fp32 values: exact in fp32
+
+
+def _nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """uint8 NF4 codes of `scaled` (fp32 in [-1, 1]): equal to bucketize(scaled, bitsandbytes' bounds)."""
+    below, edge = _nf4_tables()
+    bins = torch.add(_NF4_BINS / 2, scaled, alpha=_NF4_BINS / 2).to(torch.int32)  # in [0, _NF4_BINS]
+    # index_select: several times faster than advanced indexing for a 1-D table lookup
+    return below.index_select(0, bins).add_(torch.gt(scaled, edge.index_select(0, bins)))
 
 
 def _quant_args(quant: dict) -> dict:

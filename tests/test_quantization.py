@@ -114,3 +114,73 @@ def test_cuda_bf16_forward_and_backward(tiny_llama_dir):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(layer.lora_B.weight.grad is not None for _, layer in lora_layers(model))
+
+
+# --- the CPU NF4 quantizer: bitsandbytes' bytes from a table lookup instead of bucketize ---------------
+
+
+def _nf4_bounds():
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    return _get_4bit_quantize_bounds("nf4", torch.device("cpu"))[0]
+
+
+def _walk_ulps(points, steps: int) -> torch.Tensor:
+    """Each point and the `steps` fp32 values on either side of it."""
+    x = torch.tensor(points, dtype=torch.float32)
+    up, down, out = x.clone(), x.clone(), [x]
+    for _ in range(steps):
+        up, down = torch.nextafter(up, torch.full_like(up, 2)), torch.nextafter(down, torch.full_like(down, -2))
+        out += [up, down]
+    return torch.cat(out).clamp(-1, 1)
+
+
+def test_nf4_codes_equal_bucketize_at_every_decision_point():
+    """Around each boundary and each bin edge of the table (300 ulps either side), and at random."""
+    from qlora_kit import quantization
+
+    bounds = _nf4_bounds()
+    edges = [-1 + j * 2 / quantization._NF4_BINS for j in range(quantization._NF4_BINS + 1)]
+    x = torch.cat([_walk_ulps(bounds.tolist() + [-1.0, -0.0, 0.0, 1.0], 300), _walk_ulps(edges, 3),
+                   torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 2 - 1])
+    expected = torch.bucketize(x, bounds, out_int32=True).to(torch.uint8)
+    assert torch.equal(quantization._nf4_codes(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_4bit_is_bitsandbytes_bit_for_bit(dtype, double_quant, quant_type):
+    import bitsandbytes.functional as bnbF
+
+    from qlora_kit import quantization
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(1030, 576, generator=g) * 0.05  # 1030 rows: several row chunks, the last one short
+    weight[3, :64] = 0  # an all-zero block
+    weight[5, 64:128] = 0.25  # a constant block: every value on the absmax
+    weight[7] *= 1e4  # huge and tiny magnitudes
+    weight[9] *= 1e-6
+    weight = weight.to(dtype)
+    for storage in (torch.uint8, torch.bfloat16):
+        ours, state = quantization.quantize_4bit(weight, quant_type=quant_type, double_quant=double_quant,
+                                                 quant_storage=storage)
+        theirs, ref = bnbF.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type=quant_type,
+                                         quant_storage=storage)
+        assert ours.dtype == theirs.dtype and torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+        assert torch.equal(state.absmax, ref.absmax)
+        if double_quant:
+            assert torch.equal(state.offset, ref.offset) and torch.equal(state.state2.absmax, ref.state2.absmax)
+        assert torch.equal(bnbF.dequantize_4bit(ours, state), bnbF.dequantize_4bit(theirs, ref))
+
+
+def test_non_finite_weights_quantize_as_bitsandbytes_does():
+    import bitsandbytes.functional as bnbF
+
+    from qlora_kit import quantization
+
+    weight = torch.randn(8, 128)
+    weight[1, 3], weight[2, 70], weight[4, 5] = float("nan"), float("inf"), -float("inf")
+    ours, _ = quantization.quantize_4bit(weight, double_quant=False)
+    theirs, _ = bnbF.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
+    assert torch.equal(ours, theirs)
