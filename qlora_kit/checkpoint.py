@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,20 +55,24 @@ class Checkpoint:
         return fingerprint(self.folder, self.shards)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for every tensor, one shard open at a time.
+        """Yield (name, tensor) for every tensor (in name order, as safetensors lists them), one shard at a time.
 
-        safetensors memory-maps the shard, so host RAM holds one tensor at a time
-        plus whatever the caller keeps. A shard whose export manifest records its
-        SHA-256 is hashed first (one more sequential read), and refused if it differs.
+        Each tensor is read with plain file reads into a buffer of its own, not
+        through a memory map: the pages of a mapped shard count in the process's RSS
+        until the shard is closed, so host RAM would hold the whole shard. Here it
+        holds one tensor plus whatever the caller keeps. A shard whose export
+        manifest records its SHA-256 is hashed first (one more sequential read), and
+        refused if it differs.
         """
         records = integrity.read_records(self.folder / EXPORT_MANIFEST)
         for shard in self.shards:
             if shard.name in records:
                 integrity.check_file(shard, records[shard.name], recorded_in=self.folder / EXPORT_MANIFEST,
                                      fix=_EXPORT_FIX)
-            with _open_shard(shard) as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            start, header = integrity.check_safetensors_size(shard)
+            with open(shard, "rb") as f:
+                for name in sorted(k for k in header if k != "__metadata__"):
+                    yield name, read_tensor(f, shard, name, start, header[name])
 
     def tensor_names(self) -> dict[str, Path]:
         """Every tensor name mapped to the shard that holds it (reads headers only)."""
@@ -84,6 +89,27 @@ class Checkpoint:
             with _open_shard(shard) as f:
                 shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
         return shapes
+
+
+def read_tensor(f, shard: Path, name: str, data_start: int, info: dict, first_row: int = 0,
+                rows: int | None = None) -> torch.Tensor:
+    """Tensor `name` (or `rows` of its rows from `first_row`) from the open shard file `f`, by plain reads.
+
+    `data_start` and `info` come from the shard's header (`integrity.check_safetensors_size`).
+    """
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    shape = list(info["shape"])
+    if rows is None:
+        rows = shape[0] if shape else 1
+    if dtype is None:  # an unusual dtype (fp8, ...): let safetensors decode it
+        with _open_shard(shard) as st:
+            return st.get_slice(name)[first_row:first_row + rows].clone() if shape else st.get_tensor(name)
+    row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+    out = torch.empty(rows * row_bytes, dtype=torch.uint8)
+    f.seek(data_start + info["data_offsets"][0] + first_row * row_bytes)
+    if f.readinto(out.numpy()) != out.numel():
+        raise QLoRAKitError(f"shard {shard} is truncated: {name} cannot be read whole")
+    return out.view(dtype).reshape([rows] + shape[1:] if shape else [])
 
 
 @contextmanager

@@ -1,10 +1,9 @@
 """Exporting plain 16/32-bit Hugging Face checkpoints: merging an adapter into its base, dequantizing a 4-bit checkpoint.
 
-Both read the source shard by shard, transform one tensor at a time and stream
-the results to disk as they are made (`checkpoint_writer.ShardWriter`), so host
-RAM stays near one input shard plus the temporaries of one
-tensor (4-bit weights are quantized a block of rows at a time, so bitsandbytes'
-fp32 temporaries stay near 15 MB). The GPU is never used. Verification comes
+Both read the source one tensor at a time (plain reads, no memory map), transform
+it and stream the result to disk as it is made (`checkpoint_writer.ShardWriter`),
+so host RAM stays near the largest tensor and its temporaries (4-bit weights are
+quantized a block of rows at a time, so the quantizer's temporaries stay near 15 MB). The GPU is never used. Verification comes
 after, and streams too (one decoder layer of each model at a time). The
 output is assembled in `.OUT.tmp-*` beside OUT and renamed into place only
 after it is complete and, for merges, verified (`qlora_kit.verify`).

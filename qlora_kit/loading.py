@@ -2,9 +2,9 @@
 
 The model is first built on the meta device (no memory), its target linear layers
 swapped for empty `Linear4bit` layers; then tensors are read from the safetensors
-shards one at a time and quantized on the target device as they arrive. Host RAM
-therefore peaks near one shard's largest tensors plus the finished 4-bit model,
-never the whole 16-bit checkpoint.
+shards one at a time (plain file reads, not a memory map: `Checkpoint.iter_tensors`)
+and quantized on the target device as they arrive. Host RAM therefore peaks near the
+largest tensor plus the finished 4-bit model, never a whole shard or the 16-bit checkpoint.
 """
 
 from __future__ import annotations
@@ -252,8 +252,7 @@ def _fill(net: PreTrainedModel, key: str, tensor: torch.Tensor, expected: dict, 
     elif packed:
         quantization.quantize_into(module, tensor.to(torch_dtype(quant.compute_dtype)), device)
     else:
-        # copy=True: a view would keep the whole shard's memory map resident.
-        value = tensor.to(device=device, dtype=_keep_dtype(tensor, quant), copy=True)
+        value = tensor.to(device=device, dtype=_keep_dtype(tensor, quant))  # the read buffer itself, if it can be
         setattr(module, leaf, nn.Parameter(value, requires_grad=False))
     del expected[key]
 

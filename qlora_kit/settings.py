@@ -217,7 +217,7 @@ class ExportOptions:
 
     dtype: FloatDtype = "bfloat16"  # dtype of the written weights
     overwrite: bool = False  # replace an existing output folder (only after the new one is complete)
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE  # largest output shard, in bytes or e.g. 500MB, 5GB; host RAM peaks near one input shard (output tensors go to disk as they are made)
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE  # largest output shard, in bytes or e.g. 500MB, 5GB; host RAM does not depend on it (tensors are read and written one at a time)
 
 
 @dataclass(kw_only=True)

@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import integrity, memory, quantization
-from .checkpoint import SAFETENSORS_DTYPES, _open_shard
+from .checkpoint import read_tensor
 from .errors import QLoRAKitError
 from .precision import dtype_name, torch_dtype
 
@@ -506,18 +506,8 @@ class _Tensors:
 
     def _read(self, name: str, first_row: int, rows: int) -> torch.Tensor:
         shard, start, info = self._info(name)
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:  # an unusual dtype: let safetensors decode it
-            with _open_shard(shard) as f:
-                return f.get_slice(name)[first_row:first_row + rows].clone()
-        shape = list(info["shape"]) or [1]
-        row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
-        out = torch.empty(rows * row_bytes, dtype=torch.uint8)
         with open(shard, "rb") as f:
-            f.seek(start + info["data_offsets"][0] + first_row * row_bytes)
-            if f.readinto(out.numpy()) != out.numel():
-                raise QLoRAKitError(f"shard {shard} is truncated: {name} cannot be read whole")
-        return out.view(dtype).reshape([rows] + shape[1:] if info["shape"] else [])
+            return read_tensor(f, shard, name, start, info, first_row, rows)
 
     def get(self, name: str) -> torch.Tensor:
         shape = self.shape(name)

@@ -66,7 +66,7 @@ PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_streaming_load_peak_ram_stays_near_one_shard_plus_4bit_model(tmp_path, tiny_llama_dir):
+def test_streaming_load_peak_ram_stays_near_the_4bit_model(tmp_path, tiny_llama_dir):
     # ~580 MB of bf16 weights in ~24 MB shards: a model many times larger than one shard.
     config = tiny_llama_config(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                                num_attention_heads=16, num_key_value_heads=4, vocab_size=8192)
@@ -81,8 +81,9 @@ def test_streaming_load_peak_ram_stays_near_one_shard_plus_4bit_model(tmp_path, 
     print(f"checkpoint {total_mb:.0f} MB in {len(shards)} shards (largest {largest_mb:.0f} MB), "
           f"4-bit model {peak['model_mb']:.0f} MB; peak RSS growth while loading {growth:.0f} MB")
     assert total_mb > 20 * largest_mb
-    # Two shards of slack for allocator churn, plus ~100 MB for the tokenizer and small objects.
-    assert growth < 2 * largest_mb + peak["model_mb"] + 100, growth
+    # Tensors are read one at a time with plain reads (no shard memory map stays resident): one
+    # shard of slack covers the largest tensor and allocator churn, ~100 MB the tokenizer and small objects.
+    assert growth < largest_mb + peak["model_mb"] + 100, growth
     assert growth < 0.6 * total_mb
 
 
