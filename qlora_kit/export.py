@@ -3,10 +3,11 @@
 Both read the source one tensor at a time (plain reads, no memory map), transform
 it and stream the result to disk as it is made (`checkpoint_writer.ShardWriter`),
 so host RAM stays near the largest tensor and its temporaries (4-bit weights are
-quantized a block of rows at a time, so the quantizer's temporaries stay near 15 MB). The GPU is never used. Verification comes
-after, and streams too (one decoder layer of each model at a time). The
-output is assembled in `.OUT.tmp-*` beside OUT and renamed into place only
-after it is complete and, for merges, verified (`qlora_kit.verify`).
+quantized a block of rows at a time, so the quantizer's temporaries stay near
+15 MB). The GPU is never used. Verification comes after, and streams too (one
+decoder layer of each model at a time). The output is assembled in `.OUT.tmp-*`
+beside OUT and renamed into place only after it is complete and, for merges,
+verified (`qlora_kit.verify`).
 
 Merge arithmetic: each merged weight is base + scaling * (B @ A) computed in fp32
 and rounded once to the output dtype (float16 by default: `settings.MergeOptions`

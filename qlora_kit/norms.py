@@ -6,8 +6,8 @@ transformers writes a Llama-style RMSNorm as a chain of small ops
 
 and autograd saves fp32 copies of the intermediates and runs one backward kernel per
 op. Every decoder layer has two such norms, run forward twice under gradient
-checkpointing and once backward, so on the CPU they cost about as much as a third of
-the layer's matmuls. With w frozen (QLoRA trains only the adapters) the input
+checkpointing and once backward (on the CPU, one SmolLM2 norm over 4 x 256 tokens:
+2.7 ms forward and backward, against 1.4 ms here). With w frozen (QLoRA trains only the adapters) the input
 gradient has a closed form,
 
     dx = r * (ĝ - x̂ * mean(ĝ * x̂)),   r = rsqrt(mean(x²) + eps),  x̂ = x r,  ĝ = (g w) in x's dtype

@@ -326,7 +326,7 @@ def _nf4_codes(scaled: torch.Tensor) -> torch.Tensor:
     """uint8 NF4 codes of `scaled` (fp32 in [-1, 1]): equal to bucketize(scaled, bitsandbytes' bounds)."""
     below, edge = _nf4_tables()
     bins = torch.add(_NF4_BINS / 2, scaled, alpha=_NF4_BINS / 2).to(torch.int32)  # in [0, _NF4_BINS]
-    # index_select: several times faster than advanced indexing for a 1-D table lookup
+    # index_select: about twice as fast as advanced indexing for a 1-D table lookup
     return below.index_select(0, bins).add_(torch.gt(scaled, edge.index_select(0, bins)))
 
 

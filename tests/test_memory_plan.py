@@ -78,7 +78,7 @@ def cuda_results(tiny_llama_dir, tmp_path_factory):
         ("simulate_step", offload, {"seq_len": 512, "flops": False}),
         ("simulate_step", tiled, {"seq_len": 512, "flops": False}),
         ("plan", base, {"gpu_memory": "24GiB", "search": False}),
-        ("longest_sequence", base, {"gpu_bytes": overhead + 60 * 2**20}),
+        ("longest_sequence", base, {"gpu_bytes": overhead + 42 * 2**20}),
         ("longest_sequence", base, {"gpu_bytes": overhead + 400 * 2**20}),
         ("simulate_step", RunConfig(model=ModelConfig(base=str(tiny_llama_dir / "no-such-model"))), {}),
     ]
