@@ -548,8 +548,9 @@ def _run(argv: list[str]) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         if extra:
-            # Overrides may follow options (`train cfg.yaml --resume lora.rank=8`); argparse leaves those here.
-            if args.command == "train" and all("=" in item and not item.startswith("-") for item in extra):
+            # Overrides may follow options (`train cfg.yaml --resume lora.rank=8`, `plan r.yaml --gpu-memory
+            # 24GiB train.batch_size=1`); argparse leaves those here.
+            if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
                 args.overrides = list(args.overrides) + extra
             elif args.command == "train" and (hint := _train_flag_hint(extra)):
                 raise QLoRAKitError(hint)

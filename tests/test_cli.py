@@ -246,10 +246,11 @@ def test_export_gguf_merges_a_run_then_writes_a_verified_gguf(tiny_run, tmp_path
 
 def test_plan_prints_a_simulated_breakdown_and_refuses_bad_input(tmp_path, tiny_llama_dir, capsys):
     recipe = _recipe(tmp_path, tiny_llama_dir, tmp_path / "data.jsonl")
+    # overrides on both sides of the options, as for train
     assert main(["plan", str(recipe), "train.batch_size=2", "--no-search", "--gpu-memory", "8GiB",
-                 "--json", str(tmp_path / "plan.json")]) == 0
+                 "--json", str(tmp_path / "plan.json"), "data.max_seq_len=48"]) == 0
     out = capsys.readouterr().out
-    assert "simulated" in out and "batch 2 x 64 tokens" in out and "fits" in out
+    assert "simulated" in out and "batch 2 x 48 tokens" in out and "fits" in out
     assert json.loads((tmp_path / "plan.json").read_text())
     assert main(["plan", str(recipe), "--gpu-memory", "lots"]) == 2
     assert "lots" in capsys.readouterr().err
