@@ -543,6 +543,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().removeHandler(handler)
 
 
+def _takes_overrides(args) -> bool:
+    """Whether the command reads `section.key=value` overrides of a recipe (train, plan)."""
+    if args.options is not None:
+        return "overrides" in {f.name for f in dataclasses.fields(args.options)}
+    return hasattr(args, "overrides")
+
+
 def _run(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -550,8 +557,8 @@ def _run(argv: list[str]) -> int:
         if extra:
             # Overrides may follow options (`train cfg.yaml --resume lora.rank=8`, `plan r.yaml --gpu-memory
             # 24GiB train.batch_size=1`); argparse leaves those here.
-            if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
-                args.overrides = list(args.overrides) + extra
+            if _takes_overrides(args) and all("=" in item and not item.startswith("-") for item in extra):
+                args.overrides = list(getattr(args, "overrides", None) or []) + extra
             elif args.command == "train" and (hint := _train_flag_hint(extra)):
                 raise QLoRAKitError(hint)
             else:

@@ -251,6 +251,8 @@ def test_plan_prints_a_simulated_breakdown_and_refuses_bad_input(tmp_path, tiny_
                  "--json", str(tmp_path / "plan.json"), "data.max_seq_len=48"]) == 0
     out = capsys.readouterr().out
     assert "simulated" in out and "batch 2 x 48 tokens" in out and "fits" in out
+    assert main(["plan", str(recipe), "--no-search", "train.batch_size=3"]) == 0  # only after the options
+    assert "batch 3 x 64 tokens" in capsys.readouterr().out
     assert json.loads((tmp_path / "plan.json").read_text())
     assert main(["plan", str(recipe), "--gpu-memory", "lots"]) == 2
     assert "lots" in capsys.readouterr().err
