@@ -104,7 +104,7 @@ def read_tensor(f, shard: Path, name: str, data_start: int, info: dict, first_ro
     if dtype is None:  # an unusual dtype (fp8, ...): let safetensors decode it
         with _open_shard(shard) as st:
             return st.get_slice(name)[first_row:first_row + rows].clone() if shape else st.get_tensor(name)
-    row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
     out = torch.empty(rows * row_bytes, dtype=torch.uint8)
     f.seek(data_start + info["data_offsets"][0] + first_row * row_bytes)
     if f.readinto(out.numpy()) != out.numel():

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DataConfig, collate, prepare_data
-from .losses import SupervisedLoss, perplexity
+from .losses import CHUNK_ROWS, SupervisedLoss, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
 
 
 def evaluate_dataset(model, tokenizer, data: DataConfig, *, batch_size: int = 8, held_out_seed: int | None = None,
-                     max_examples: int | None = None, loss_chunk_tokens: int = 128) -> dict:
+                     max_examples: int | None = None, loss_chunk_tokens: int = CHUNK_ROWS) -> dict:
     """Token-weighted mean loss and perplexity over every row of `data`.
 
     With `held_out_seed`, only the held-out split a training run with that seed

@@ -19,6 +19,9 @@ from torch import nn
 
 from .data import IGNORE_INDEX
 
+# Supervised tokens per LM-head chunk (train.loss_chunk_tokens' default): 128 x vocabulary fp32 logits at a time.
+CHUNK_ROWS = 128
+
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(softcap(h_i @ W^T), y_i) with d/dh computed chunk by chunk in forward."""
@@ -63,7 +66,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                               chunk_rows: int = 128, softcap: float | None = None) -> torch.Tensor:
+                               chunk_rows: int = CHUNK_ROWS, softcap: float | None = None) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `targets`, chunked. Rows are tokens."""
     if head.weight.requires_grad or getattr(head, "bias", None) is not None:
         # A trainable or biased head needs the plain path (weight gradient / bias term).
@@ -75,7 +78,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: t
         return _FusedLinearCrossEntropy.apply(hidden.to(head.weight.dtype), head.weight, targets, chunk_rows, softcap)
 
 
-def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int = 128) -> tuple[torch.Tensor, int]:
+def supervised_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, int]:
     """(summed next-token cross-entropy over supervised targets, number of those targets).
 
     The caller divides by the number of supervised targets of the whole accumulated
@@ -103,7 +106,7 @@ class SupervisedLoss(nn.Module):
     forward(batch) -> (summed loss over supervised targets, number of targets).
     """
 
-    def __init__(self, model: nn.Module, chunk_rows: int = 128):
+    def __init__(self, model: nn.Module, chunk_rows: int = CHUNK_ROWS):
         super().__init__()
         self.model = model
         self.chunk_rows = chunk_rows

@@ -52,3 +52,11 @@ def test_supervised_loss_equals_transformers_loss_and_gradients(tiny_llama_dir):
     for name, grad in ours.items():
         ref = dict(model.named_parameters())[name].grad
         torch.testing.assert_close(grad, ref, rtol=5e-2, atol=1e-4), name
+
+
+def test_the_training_default_chunk_is_the_loss_modules():
+    """settings.py imports no torch, so it repeats the number; this keeps the two equal."""
+    from qlora_kit.losses import CHUNK_ROWS
+    from qlora_kit.settings import TrainConfig
+
+    assert TrainConfig().loss_chunk_tokens == CHUNK_ROWS
